@@ -1,0 +1,40 @@
+# `make test` and `make train` work on a fresh machine: both create .venv first.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Pinned first: an unpinned torch (or one a dependency pulls) resolves to a multi-GB CUDA build.
+TORCH_PIN ?= torch==2.13.0
+STAMP := $(VENV)/.bandpo-installed
+
+.PHONY: install test test-fast lint train eval bench clean
+
+install: $(STAMP)
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_PIN)
+	$(PY) -m pip show torch >/dev/null
+	DS_BUILD_OPS=0 $(PY) -m pip install -q --disable-pip-version-check -e ".[dev,deepspeed]"
+	$(PY) -c "import bandpo_trl, trl"
+	touch $@
+
+lint: install
+	$(VENV)/bin/ruff check src tests benchmarks
+
+test: lint
+	$(PY) -m pytest -q
+
+test-fast: lint
+	$(PY) -m pytest -q -m "not slow"
+
+train: install
+	$(VENV)/bin/accelerate launch --config_file recipes/accelerate_configs/cpu.yaml \
+		-m bandpo_trl.train --config recipes/tiny/bandpo/config_kl.yaml
+
+eval: install
+	$(PY) -m bandpo_trl.evaluate --model outputs/tiny-bandpo-kl --benchmarks toy --k 8
+
+bench: install
+	$(PY) benchmarks/bench_band.py
+
+clean:
+	rm -rf $(VENV) outputs .pytest_cache

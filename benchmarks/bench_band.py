@@ -1,0 +1,113 @@
+"""Cost of the Band operator, measured side by side in one run.
+
+For N float32 tokens (default 1M) it times, per divergence, ``band_bounds`` against
+  (a) the canonical clipped surrogate computed from log-probs, r = exp(logp - old_logp),
+      max(-A r, -A clamp(r, 0.8, 1.2)), the work every PPO/GRPO step already does, and
+  (b) a reference-style solver as in the authors' code: 50 float32 bisection iterations per bound, each with a
+      host synchronisation (``.item()``) to test for convergence,
+and reports the worst relative error of (b) and of ``band_bounds`` against a float64 ``band_bounds``.
+
+    python benchmarks/bench_band.py                 # CPU, 1M tokens
+    python benchmarks/bench_band.py --device cuda   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from bandpo_trl import band_bounds, get_divergence
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_time(fn, device: torch.device, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def canonical_surrogate(logps, old_logps, advantages):
+    ratio = torch.exp(logps - old_logps)
+    return torch.maximum(-advantages * ratio, -advantages * ratio.clamp(0.8, 1.2))
+
+
+def reference_bisection(old_logps, divergence: str, delta: float, iterations: int = 50):
+    """What the authors' solver does: plain bisection on r in float32, a host sync per iteration."""
+    f = get_divergence(divergence).f
+    p = torch.exp(old_logps.float()).clamp(1e-6, 1 - 1e-6)
+    q = 1 - p
+
+    def g(r):
+        return p * f(r) + q * f((1 - p * r) / q)
+
+    bounds = []
+    # lower root in [0, 1] (g decreasing there), upper root in [1, 1/p] (g increasing there)
+    for lo, hi, increasing in ((torch.zeros_like(p), torch.ones_like(p), False), (torch.ones_like(p), 1 / p, True)):
+        for _ in range(iterations):
+            mid = 0.5 * (lo + hi)
+            move_lo = (g(mid) <= delta) == increasing
+            lo = torch.where(move_lo, mid, lo)
+            hi = torch.where(move_lo, hi, mid)
+            if (hi - lo).max().item() < 1e-12:  # the per-iteration host sync
+                break
+        bounds.append(0.5 * (lo + hi))
+    return bounds[0], bounds[1].clamp(max=10.0)
+
+
+def max_rel_err(x, ref, floor=1e-30):
+    x, ref = x.double(), ref.double()
+    err = (x - ref).abs() / ref.abs().clamp(min=floor)
+    return err[ref.abs() >= floor].max().item()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tokens", type=int, default=1_000_000)
+    parser.add_argument("--delta", type=float, default=0.05)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--divergences", nargs="+", default=["kl", "rkl", "tv", "chi2", "hellinger"])
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    gen = torch.Generator().manual_seed(0)
+    # log-probs of sampled tokens: mostly confident, with a long tail (as in LLM completions)
+    old_logps = (-torch.empty(args.tokens).exponential_(1.0, generator=gen) * 1.5).to(device)
+    logps = old_logps + 0.05 * torch.randn(args.tokens, generator=gen).to(device)
+    advantages = torch.randn(args.tokens, generator=gen).to(device)
+
+    t_canonical = median_time(lambda: canonical_surrogate(logps, old_logps, advantages), device, args.repeats)
+    print(f"device={device} tokens={args.tokens:,} delta={args.delta} threads={torch.get_num_threads()}")
+    print(f"(a) canonical clipped surrogate: {t_canonical * 1e3:.2f} ms")
+    header = f"{'divergence':<10} {'band ms':>9} {'/ (a)':>7} {'(b) ms':>9} {'(b) / band':>10} {'band err':>9} {'(b) err':>9}"
+    print(header)
+    print("-" * len(header))
+    for name in args.divergences:
+        t_band = median_time(lambda n=name: band_bounds(old_logps, n, args.delta), device, args.repeats)
+        t_ref = median_time(lambda n=name: reference_bisection(old_logps, n, args.delta), device, max(3, args.repeats // 2))
+        truth = band_bounds(old_logps.double(), name, args.delta)
+        ours = band_bounds(old_logps, name, args.delta)
+        ref = reference_bisection(old_logps, name, args.delta)
+        keep = (old_logps > -13.8) & (old_logps < -1e-6)  # outside the fixed-bound extremes
+        err_band = max(max_rel_err(o[keep], t[keep]) for o, t in zip(ours, truth))
+        err_ref = max(max_rel_err(r[keep], t[keep]) for r, t in zip(ref, truth))
+        print(
+            f"{name:<10} {t_band * 1e3:9.2f} {t_band / t_canonical:7.2f} {t_ref * 1e3:9.2f} {t_ref / t_band:10.1f}"
+            f" {err_band:9.1e} {err_ref:9.1e}"
+        )
+
+
+if __name__ == "__main__":
+    main()

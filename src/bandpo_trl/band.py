@@ -1,0 +1,368 @@
+"""The Band operator: per-token ratio bounds from an f-divergence trust region.
+
+For a sampled token whose old probability is ``p``, the Band interval ``[l, u]`` is the set of ratios
+``r = pi(a) / pi_old(a)`` reachable inside ``D_f(pi || pi_old) <= delta`` (BANDPO.md, section 2):
+
+    g(p, r) = p f(r) + (1 - p) f((1 - p r) / (1 - p)) <= delta,    r in [0, 1/p].
+
+Every divergence is a small registry entry (``f`` plus, optionally, a function returning the raw bounds in
+closed form or with a dedicated solver); any other convex ``f`` goes through :func:`solve_band`, a bracketed
+bisection. All functions here are pure tensor code with a fixed amount of work: no ``.item()``, no
+data-dependent loop, so they run inside CUDA graphs and ``torch.compile``.
+
+Example:
+    >>> import torch
+    >>> from bandpo_trl import band_bounds
+    >>> lower, upper = band_bounds(torch.log(torch.tensor([0.01, 0.5, 0.99])), "kl", delta=0.05)
+    >>> upper  # rare tokens may grow a lot, likely ones hardly at all
+    tensor([7.8098, 1.3085, 1.0101])
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "Divergence",
+    "available_divergences",
+    "band_bounds",
+    "dcpo_bounds",
+    "get_divergence",
+    "register_divergence",
+    "solve_band",
+]
+
+# BANDPO.md section 3: tokens this close to 0 or 1 get fixed bounds instead of solved ones.
+EXTREME_P = 1e-6
+_LOG_TAIL = math.log(EXTREME_P)
+_LOG_HEAD = math.log1p(-EXTREME_P)
+
+RawBounds = Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """An f-divergence usable by :func:`band_bounds`.
+
+    Args:
+        name: registry key.
+        f: the generator, a convex torch function on ratios ``u >= 0`` with ``f(1) = 0``.
+        raw_bounds: optional ``(p, q, delta) -> (lower, upper)`` giving the raw interval, with ``q = 1 - p``
+            passed separately because it is computed accurately from the log-probability. Without it the generic
+            solver :func:`solve_band` is used.
+        lower_limit_at_one: optional ``delta -> lim_{p -> 1} l(p)``, used for tokens with ``p > 1 - 1e-6``.
+            Without it the limit is estimated once per ``delta`` from the raw bounds at ``p = 1 - 1e-12``.
+    """
+
+    name: str
+    f: Callable[[torch.Tensor], torch.Tensor]
+    raw_bounds: RawBounds | None = None
+    lower_limit_at_one: Callable[[float], float] | None = None
+
+    def bounds(self, p: torch.Tensor, q: torch.Tensor, delta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.raw_bounds is not None:
+            return self.raw_bounds(p, q, delta)
+        return solve_band(self.f, p, q, delta)
+
+
+_REGISTRY: dict[str, Divergence] = {}
+
+
+def register_divergence(
+    name: str,
+    f: Callable[[torch.Tensor], torch.Tensor],
+    raw_bounds: RawBounds | None = None,
+    lower_limit_at_one: Callable[[float], float] | None = None,
+    *,
+    overwrite: bool = False,
+) -> Divergence:
+    """Register an f-divergence under ``name``; only its generator ``f`` is required.
+
+    Example:
+        >>> register_divergence("js", lambda u: 0.5 * (torch.xlogy(u, u) - torch.xlogy(u + 1, (u + 1) / 2)) + 0.5 * math.log(2))
+        >>> band_bounds(old_logps, "js", delta=0.02)
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"divergence name must be a non-empty string, got {name!r}")
+    if name in _REGISTRY and not overwrite:
+        raise ValueError(f"divergence {name!r} is already registered; pass overwrite=True to replace it")
+    if not callable(f):
+        raise ValueError(f"f must be a callable mapping a ratio tensor to f(ratio), got {f!r}")
+    divergence = Divergence(name, f, raw_bounds, lower_limit_at_one)
+    _REGISTRY[name] = divergence
+    return divergence
+
+
+def available_divergences() -> list[str]:
+    """Names accepted by :func:`band_bounds` (built-in and registered)."""
+    return sorted(_REGISTRY)
+
+
+def get_divergence(name: str | Divergence) -> Divergence:
+    if isinstance(name, Divergence):
+        return name
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown divergence {name!r}; accepted: {', '.join(available_divergences())} "
+            "(or register one with bandpo_trl.register_divergence)"
+        ) from None
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Solvers. Both bounds come from a lower-root solver through the mirror identity
+#     p u(p) + (1 - p) l(1 - p) = 1   =>   u(p) = 1 - (q / p) (l(q) - 1),
+# so a solver only ever looks for the root of g(p, .) = delta in (0, 1).
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _upper_from_mirror(p: torch.Tensor, q: torch.Tensor, lower_of_q_minus_one: torch.Tensor) -> torch.Tensor:
+    return 1 - (q / p) * lower_of_q_minus_one
+
+
+def _log_floor(dtype: torch.dtype) -> float:
+    # Roots below this underflow to 0 anyway; keeping iterates above it keeps the arithmetic finite.
+    return 2 * math.log(torch.finfo(dtype).tiny)
+
+
+def solve_band(
+    f: Callable[[torch.Tensor], torch.Tensor], p: torch.Tensor, q: torch.Tensor, delta: float, iterations: int | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw Band bounds for any convex generator ``f``, by bisection on ``log r`` with a fixed iteration count.
+
+    ``g(p, .)`` is decreasing on ``(0, 1]``, so bisection on ``s = log r`` over ``[log(tiny), 0]`` converges to
+    the lower root to full precision in ``iterations`` steps (64 in float64, 32 otherwise). The upper root
+    comes from the mirror identity. Saturation (``g(p, 0) <= delta``) gives exactly 0 (and ``u = 1/p``).
+    """
+    if iterations is None:
+        iterations = 64 if p.dtype == torch.float64 else 32
+    both_p = torch.stack([p, q])  # lower roots at p (for l) and at q (for u, by the mirror identity)
+    both_q = torch.stack([q, p])
+    ratio = both_p / both_q
+
+    def excess(s: torch.Tensor) -> torch.Tensor:
+        em1 = torch.expm1(s)
+        return both_p * f(em1 + 1) + both_q * f(1 - ratio * em1) - delta
+
+    lo = torch.full_like(both_p, math.log(torch.finfo(p.dtype).tiny))
+    hi = torch.zeros_like(both_p)
+    for _ in range(iterations):
+        mid = 0.5 * (lo + hi)
+        above = excess(mid) > 0
+        lo = torch.where(above, mid, lo)
+        hi = torch.where(above, hi, mid)
+    root_m1 = torch.expm1(0.5 * (lo + hi))
+    saturated = both_p * f(torch.zeros_like(both_p)) + both_q * f(1 / both_q) <= delta
+    root_m1 = torch.where(saturated, -1.0, root_m1)
+    return root_m1[0] + 1, _upper_from_mirror(p, q, root_m1[1])
+
+
+def _kl_raw_bounds(p: torch.Tensor, q: torch.Tensor, delta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(pi_old || pi): Newton on s = log r, 4 steps in float64 (3 in float32), converged to working precision.
+
+    g(s) = -p s - q log1p(-p expm1(s) / q) is convex and decreasing for s < 0 and lies above its asymptote
+    -p s + q log q, whose root ``s_min`` is therefore a left bracket; Newton iterates are kept in [s_min, 0].
+    The start is the better of ``s_min`` and the small-delta estimate ``log(1 - sqrt(2 delta q / p))``.
+    In-place arithmetic: on the CPU, fresh allocations of token-sized tensors cost as much as the math.
+    """
+    both_p = torch.stack([p, q])  # lower roots at p (for l) and at q (for u, by the mirror identity)
+    both_q = torch.stack([q, p])
+    s_min = torch.xlogy(both_q, both_q).sub_(delta).div_(both_p).clamp_(min=_log_floor(p.dtype))
+    s = torch.div(both_q, both_p).mul_(2 * delta).sqrt_().neg_().add_(1).clamp_(min=0).log_()
+    torch.maximum(s, s_min, out=s)
+    for _ in range(4 if p.dtype == torch.float64 else 3):
+        p_em1 = torch.expm1(s).mul_(both_p)
+        one_minus_pr = torch.sub(both_q, p_em1)
+        q_log = torch.div(p_em1, both_q).neg_().log1p_().mul_(both_q)
+        # Newton step excess / slope, with slope = p expm1(s) / (1 - p e^s)
+        step = torch.mul(both_p, s).add_(q_log).neg_().sub_(delta).mul_(one_minus_pr).div_(p_em1)
+        s.sub_(step)
+        torch.maximum(s, s_min, out=s).clamp_(max=0)
+    # exp, not expm1 + 1: the lower root can be far below float eps (1e-23 at p = 1e-3, delta = 0.05).
+    return torch.exp(s[0]), _upper_from_mirror(p, q, torch.expm1(s[1]))
+
+
+def _rkl_raw_bounds(p: torch.Tensor, q: torch.Tensor, delta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """KL(pi || pi_old): Newton on r, 7 steps in float64 (6 in float32), kept above Pinsker's r >= 1 - sqrt(delta/2)/p.
+
+    g(r) = KL(r p || p) is convex and decreasing on (0, 1]; the start is the smaller of the small-delta estimate
+    and the chord bound 1 - delta / g(0), both right of the root, so the first step lands left of it and later
+    ones climb to it monotonically.
+    """
+    both_p = torch.stack([p, q])
+    both_q = torch.stack([q, p])
+    g0 = torch.log(both_q).neg_()
+    r_min = (1 - math.sqrt(delta / 2) / both_p).clamp_(min=torch.finfo(p.dtype).tiny)
+    r = torch.minimum(torch.div(both_q, both_p).mul_(2 * delta).sqrt_().neg_().add_(1), 1 - delta / g0)
+    torch.maximum(r, r_min, out=r)
+    for _ in range(7 if p.dtype == torch.float64 else 6):
+        # (1 - x) / q = 1 + p (1 - r) / q: log1p keeps float32 accurate near saturation
+        log_rest = torch.sub(1, r).mul_(both_p).div_(both_q).log1p_()
+        x = torch.mul(both_p, r)
+        excess = torch.xlogy(x, r).add_(x.neg_().add_(1).mul_(log_rest)).sub_(delta)
+        slope = torch.log(r).sub_(log_rest).mul_(both_p)
+        r.sub_(excess.div_(slope))
+        torch.maximum(r, r_min, out=r).clamp_(max=1)
+    r = torch.where(g0 <= delta, 0.0, r)  # saturated: even r = 0 is inside the region
+    return r[0], _upper_from_mirror(p, q, r[1] - 1)
+
+
+def _tv_raw_bounds(p: torch.Tensor, q: torch.Tensor, delta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    step = delta / p
+    return (1 - step).clamp(min=0), torch.minimum(1 + step, 1 / p)
+
+
+def _chi2_raw_bounds(p: torch.Tensor, q: torch.Tensor, delta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    step = torch.sqrt(delta * q / p)
+    return (1 - step).clamp(min=0), torch.minimum(1 + step, 1 / p)
+
+
+def _hellinger_raw_bounds(p: torch.Tensor, q: torch.Tensor, delta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    alpha = torch.asin(torch.sqrt(p))
+    phi = math.acos(max(1 - delta / 2, -1.0))
+    lower = torch.sin((alpha - phi).clamp(min=0)).square() / p
+    upper = torch.sin((alpha + phi).clamp(max=math.pi / 2)).square() / p
+    return lower, upper
+
+
+register_divergence(
+    "kl", lambda u: u - 1 - torch.log(u), _kl_raw_bounds, lambda delta: math.exp(-delta)
+)
+register_divergence("rkl", lambda u: torch.xlogy(u, u) - u + 1, _rkl_raw_bounds, lambda delta: 1.0)
+register_divergence("tv", lambda u: 0.5 * (u - 1).abs(), _tv_raw_bounds, lambda delta: max(1 - delta, 0.0))
+register_divergence("chi2", lambda u: (u - 1).square(), _chi2_raw_bounds, lambda delta: 1.0)
+register_divergence(
+    "hellinger",
+    lambda u: (torch.sqrt(u) - 1).square(),
+    _hellinger_raw_bounds,
+    lambda delta: max(1 - delta / 2, 0.0) ** 2,
+)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# Public operators
+# --------------------------------------------------------------------------------------------------------------
+
+
+def _check_logps(old_logps) -> None:
+    if not isinstance(old_logps, torch.Tensor) or not old_logps.is_floating_point():
+        kind = old_logps.dtype if isinstance(old_logps, torch.Tensor) else type(old_logps).__name__
+        raise ValueError(
+            f"old_logps must be a floating-point torch.Tensor of log-probabilities, got {kind}; "
+            "accepted dtypes: float16, bfloat16, float32, float64"
+        )
+
+
+def _check_positive(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _check_max_ratio(max_ratio) -> float | None:
+    if max_ratio is None:
+        return None
+    if (
+        isinstance(max_ratio, bool)
+        or not isinstance(max_ratio, (int, float))
+        or not math.isfinite(max_ratio)
+        or max_ratio < 1
+    ):
+        raise ValueError(f"max_ratio must be None (raw bounds) or a finite number >= 1, got {max_ratio!r}")
+    return float(max_ratio)
+
+
+def _work_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Half types are solved in float32; float64 stays float64 (the reference accuracy of 1e-9 needs it).
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _raw_log_range(work: torch.dtype, out: torch.dtype) -> tuple[float, float]:
+    # Raw bounds reach 1/p: keep p large enough that 1/p is finite in the output dtype, and 1 - p > 0.
+    p_floor = max(torch.finfo(work).tiny, 4.0 / torch.finfo(out).max)
+    return math.log(p_floor), -(torch.finfo(work).eps ** 2)
+
+
+@functools.lru_cache(maxsize=256)
+def _lower_limit_at_one(divergence: Divergence, delta: float) -> float:
+    if divergence.lower_limit_at_one is not None:
+        return float(divergence.lower_limit_at_one(delta))
+    q = torch.tensor([1e-12], dtype=torch.float64)
+    lower, _ = divergence.bounds(1 - q, q, delta)
+    return float(lower.clamp(0, 1))
+
+
+def band_bounds(
+    old_logps: torch.Tensor,
+    divergence: str | Divergence = "kl",
+    delta: float = 0.05,
+    max_ratio: float | None = 10.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token Band ratio bounds ``(lower, upper)`` from old log-probabilities.
+
+    Args:
+        old_logps: log pi_old of the sampled tokens, any shape, device and floating dtype.
+        divergence: a name from :func:`available_divergences` (``"kl"``, ``"rkl"``, ``"tv"``, ``"chi2"``,
+            ``"hellinger"``, or one registered with :func:`register_divergence`).
+        delta: trust-region radius, > 0.
+        max_ratio: cap on ``upper`` (the paper's 10). With a number, the rules of BANDPO.md section 3 apply:
+            ``p < 1e-6`` gives ``(0, max_ratio)``, ``p > 1 - 1e-6`` gives ``(lim_{p->1} l, 1)``, and the bounds are
+            clamped to ``[0, 1]`` and ``[1, max_ratio]``. ``None`` returns the raw interval ``[l, u]`` inside
+            ``[0, 1/p]`` (with ``p`` floored so that ``1/p`` stays finite in the input's dtype).
+
+    Returns:
+        Two tensors shaped, typed and placed like ``old_logps``, without autograd history. NaN in, NaN out;
+        ``log p = -inf`` and ``log p >= 0`` (rounding) give valid bounds.
+    """
+    _check_logps(old_logps)
+    spec = get_divergence(divergence)
+    delta = _check_positive("delta", delta)
+    max_ratio = _check_max_ratio(max_ratio)
+    work = _work_dtype(old_logps.dtype)
+    with torch.no_grad():
+        logp = old_logps.detach().to(work)
+        if max_ratio is None:
+            log_min, log_max = _raw_log_range(work, old_logps.dtype)
+            logp = logp.clamp(log_min, log_max)
+            lower, upper = spec.bounds(torch.exp(logp), -torch.expm1(logp), delta)
+        else:
+            clamped = logp.clamp(_LOG_TAIL, _LOG_HEAD)
+            lower, upper = spec.bounds(torch.exp(clamped), -torch.expm1(clamped), delta)
+            tail, head = logp < _LOG_TAIL, logp > _LOG_HEAD
+            lower = torch.where(head, _lower_limit_at_one(spec, delta), lower.clamp(0, 1)).masked_fill(tail, 0.0)
+            upper = torch.where(tail, max_ratio, upper.clamp(1, max_ratio)).masked_fill(head, 1.0)
+        return lower.to(old_logps.dtype), upper.to(old_logps.dtype)
+
+
+def dcpo_bounds(
+    old_logps: torch.Tensor,
+    epsilon_low: float = 0.16,
+    epsilon_high: float = 0.2,
+    max_ratio: float | None = 10.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DCPO's dynamic adaptive clipping bounds (BANDPO.md section 4), same conventions as :func:`band_bounds`.
+
+    ``l = 1/2 + 1/2 sqrt(max(1 - 4 eps_l / p, 0))``, ``u = 1/2 + 1/2 sqrt(1 + 4 eps_h / p)``, ``u`` capped at
+    ``max_ratio``. Unlike Band it ignores the simplex limit ``u <= 1/p``.
+    """
+    _check_logps(old_logps)
+    epsilon_low = _check_positive("epsilon_low", epsilon_low)
+    epsilon_high = _check_positive("epsilon_high", epsilon_high)
+    max_ratio = _check_max_ratio(max_ratio)
+    work = _work_dtype(old_logps.dtype)
+    with torch.no_grad():
+        logp = old_logps.detach().to(work).clamp(max=0)
+        if max_ratio is None:
+            logp = logp.clamp(min=_raw_log_range(work, old_logps.dtype)[0] + math.log(4 * epsilon_high + 1))
+        inv_p = torch.exp(-logp)
+        lower = 0.5 + 0.5 * torch.sqrt((1 - 4 * epsilon_low * inv_p).clamp(min=0))
+        upper = 0.5 + 0.5 * torch.sqrt(1 + 4 * epsilon_high * inv_p)
+        if max_ratio is not None:
+            upper = upper.clamp(max=max_ratio)
+        return lower.to(old_logps.dtype), upper.to(old_logps.dtype)

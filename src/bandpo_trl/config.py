@@ -1,0 +1,155 @@
+"""`BandGRPOConfig`: TRL's `GRPOConfig` plus the options of the clipping rule."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+from trl import GRPOConfig
+
+from .band import available_divergences
+
+CLIP_RULES = ("band", "clip", "dcpo")
+# TRL loss types whose surrogate is the PPO ratio clip `clamp(r, 1 - eps_low, 1 + eps_high)`.
+RATIO_CLIP_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
+
+
+@dataclass
+class BandGRPOConfig(GRPOConfig):
+    r"""
+    Configuration for [`BandGRPOTrainer`]: every [`~trl.GRPOConfig`] option, plus the per-token clipping rule.
+
+    With `clip_rule="band"` (the default) each completion token's ratio is clipped to the Band interval
+    `[l(p), u(p)]` of its old probability `p`: the projection of the trust region `D_f(pi || pi_old) <= band_delta`
+    onto that token. `clip_rule="clip"` keeps TRL's fixed `[1 - epsilon, 1 + epsilon_high]`; `"dcpo"` uses DCPO's
+    dynamic adaptive bounds.
+
+    Band only acts when the policy moves away from the policy that sampled the batch, i.e. with several
+    optimizer steps per generation batch (`steps_per_generation > gradient_accumulation_steps` or
+    `num_iterations > 1`). With TRL's defaults every ratio is exactly 1 and the trainer warns.
+
+    Example:
+    ```python
+    from bandpo_trl import BandGRPOConfig
+
+    args = BandGRPOConfig(
+        output_dir="qwen-bandpo",
+        band_divergence="kl",
+        band_delta=0.05,
+        per_device_train_batch_size=16,
+        gradient_accumulation_steps=4,
+        steps_per_generation=16,  # 4 optimizer steps per generation batch
+    )
+    ```
+    """
+
+    clip_rule: str = field(
+        default="band",
+        metadata={
+            "help": "Per-token ratio clipping rule: 'band' (Band interval of the token's old probability), "
+            "'clip' (TRL's fixed [1 - epsilon, 1 + epsilon_high], unchanged) or 'dcpo' (DCPO's dynamic bounds).",
+            "choices": list(CLIP_RULES),
+        },
+    )
+    band_divergence: str = field(
+        default="kl",
+        metadata={
+            "help": "f-divergence of the trust region: 'kl' (KL(pi_old || pi), the paper's default), 'rkl', 'tv', "
+            "'chi2', 'hellinger', or a name registered with `bandpo_trl.register_divergence`."
+        },
+    )
+    band_delta: float = field(
+        default=0.05,
+        metadata={"help": "Trust-region radius delta of the Band interval (the paper uses 0.05 for kl, tv and chi2)."},
+    )
+    band_max_ratio: float | None = field(
+        default=10.0,
+        metadata={
+            "help": "Cap on the upper ratio bound (the paper's 10). Also caps the DCPO upper bound. Tokens with "
+            "p < 1e-6 get (0, cap), tokens with p > 1 - 1e-6 get (lim l, 1)."
+        },
+    )
+    band_relax: bool = field(
+        default=False,
+        metadata={
+            "help": "Paper ablation: widen each interval to its union with [1 - epsilon, 1 + epsilon_high], "
+            "i.e. lower = min(l, 1 - epsilon), upper = max(u, 1 + epsilon_high). The paper reports it does worse."
+        },
+    )
+    dcpo_epsilon_low: float = field(
+        default=0.16,
+        metadata={"help": "DCPO lower epsilon: l = 1/2 + 1/2 sqrt(max(1 - 4 eps_low / p, 0)). Used with clip_rule='dcpo'."},
+    )
+    dcpo_epsilon_high: float = field(
+        default=0.2,
+        metadata={"help": "DCPO upper epsilon: u = 1/2 + 1/2 sqrt(1 + 4 eps_high / p). Used with clip_rule='dcpo'."},
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        validate_band_options(self)
+
+
+def _positive(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def validate_band_options(args) -> None:
+    """Check the clipping options of `args` (a `BandGRPOConfig`) against each other and against TRL's options.
+
+    Raises `ValueError` naming the bad value and what is accepted; warns when the configuration makes the
+    clipping rule a no-op.
+    """
+    rule = args.clip_rule
+    if rule not in CLIP_RULES:
+        raise ValueError(f"clip_rule must be one of {', '.join(CLIP_RULES)}; got {rule!r}")
+    if args.band_divergence not in available_divergences():
+        raise ValueError(
+            f"band_divergence {args.band_divergence!r} is unknown; accepted: {', '.join(available_divergences())} "
+            "(or register one with bandpo_trl.register_divergence before building the config)"
+        )
+    _positive("band_delta", args.band_delta)
+    _positive("dcpo_epsilon_low", args.dcpo_epsilon_low)
+    _positive("dcpo_epsilon_high", args.dcpo_epsilon_high)
+    max_ratio = args.band_max_ratio
+    if max_ratio is not None and (
+        isinstance(max_ratio, bool) or not isinstance(max_ratio, (int, float)) or not math.isfinite(max_ratio) or max_ratio < 1
+    ):
+        raise ValueError(f"band_max_ratio must be None or a finite number >= 1, got {max_ratio!r}")
+    if rule == "clip":
+        return  # TRL's own clip: every TRL option stays available
+
+    if args.importance_sampling_level != "token":
+        raise ValueError(
+            f"clip_rule={rule!r} bounds each token's ratio, but importance_sampling_level="
+            f"{args.importance_sampling_level!r} uses one ratio per sequence; set importance_sampling_level='token' "
+            "or clip_rule='clip'"
+        )
+    if args.loss_type not in RATIO_CLIP_LOSS_TYPES:
+        raise ValueError(
+            f"clip_rule={rule!r} replaces the ratio clip, but loss_type={args.loss_type!r} has none; accepted loss "
+            f"types: {', '.join(RATIO_CLIP_LOSS_TYPES)} (or use clip_rule='clip')"
+        )
+    if args.use_liger_kernel:
+        raise ValueError(
+            f"clip_rule={rule!r} is not available with use_liger_kernel=True: Liger's fused GRPO loss takes only "
+            "scalar epsilons. Set use_liger_kernel=False or clip_rule='clip'"
+        )
+    if is_on_policy(args):
+        warnings.warn(
+            f"clip_rule={rule!r} has no effect with this configuration: gradient_accumulation_steps="
+            f"{args.gradient_accumulation_steps} is a multiple of steps_per_generation * num_iterations = "
+            f"{args.steps_per_generation} * {args.num_iterations}, so every update uses fresh samples, the ratio "
+            "is exactly 1 and no clip can act. Set steps_per_generation > gradient_accumulation_steps (e.g. 4x, as "
+            "in the paper) or num_iterations > 1.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
+def is_on_policy(args) -> bool:
+    """True when TRL computes no `old_per_token_logps` because every update is on fresh samples (ratio == 1)."""
+    steps_per_generation = args.steps_per_generation or args.gradient_accumulation_steps
+    return args.gradient_accumulation_steps % (steps_per_generation * args.num_iterations) == 0
