@@ -9,10 +9,14 @@ from .band import (
     register_divergence,
     solve_band,
 )
+from .config import BandGRPOConfig
+from .trainer import BandGRPOTrainer
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BandGRPOConfig",
+    "BandGRPOTrainer",
     "Divergence",
     "available_divergences",
     "band_bounds",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from trl import GRPOConfig
 
@@ -91,6 +91,16 @@ class BandGRPOConfig(GRPOConfig):
         validate_band_options(self)
 
 
+# The options BandGRPOConfig adds to GRPOConfig, with their defaults: a plain GRPOConfig handed to
+# BandGRPOTrainer (the one-import swap) gets exactly these.
+BAND_DEFAULTS = {f.name: f.default for f in fields(BandGRPOConfig) if f.name not in {g.name for g in fields(GRPOConfig)}}
+
+
+def band_option(args, name: str):
+    """`args.<name>`, or its BandGRPOConfig default when `args` is a plain `GRPOConfig`."""
+    return getattr(args, name, BAND_DEFAULTS[name])
+
+
 def _positive(name: str, value) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
@@ -102,18 +112,18 @@ def validate_band_options(args) -> None:
     Raises `ValueError` naming the bad value and what is accepted; warns when the configuration makes the
     clipping rule a no-op.
     """
-    rule = args.clip_rule
+    rule = band_option(args, "clip_rule")
     if rule not in CLIP_RULES:
         raise ValueError(f"clip_rule must be one of {', '.join(CLIP_RULES)}; got {rule!r}")
-    if args.band_divergence not in available_divergences():
+    divergence = band_option(args, "band_divergence")
+    if divergence not in available_divergences():
         raise ValueError(
-            f"band_divergence {args.band_divergence!r} is unknown; accepted: {', '.join(available_divergences())} "
+            f"band_divergence {divergence!r} is unknown; accepted: {', '.join(available_divergences())} "
             "(or register one with bandpo_trl.register_divergence before building the config)"
         )
-    _positive("band_delta", args.band_delta)
-    _positive("dcpo_epsilon_low", args.dcpo_epsilon_low)
-    _positive("dcpo_epsilon_high", args.dcpo_epsilon_high)
-    max_ratio = args.band_max_ratio
+    for name in ("band_delta", "dcpo_epsilon_low", "dcpo_epsilon_high"):
+        _positive(name, band_option(args, name))
+    max_ratio = band_option(args, "band_max_ratio")
     if max_ratio is not None and (
         isinstance(max_ratio, bool) or not isinstance(max_ratio, (int, float)) or not math.isfinite(max_ratio) or max_ratio < 1
     ):
