@@ -147,20 +147,21 @@ def solve_band(
     ratio = both_p / both_q
 
     def excess(s: torch.Tensor) -> torch.Tensor:
-        em1 = torch.expm1(s)
-        return both_p * f(em1 + 1) + both_q * f(1 - ratio * em1) - delta
+        # exp(s), not expm1(s) + 1: the lower root can be far below float eps (7e-23 for kl at p = 1e-3).
+        return both_p * f(torch.exp(s)) + both_q * f(1 - ratio * torch.expm1(s)) - delta
 
-    lo = torch.full_like(both_p, math.log(torch.finfo(p.dtype).tiny))
+    # both_p * 0: a NaN p makes every iterate NaN, so NaN in gives NaN out rather than a finite bracket end.
+    lo = both_p * 0 + math.log(torch.finfo(p.dtype).tiny)
     hi = torch.zeros_like(both_p)
     for _ in range(iterations):
         mid = 0.5 * (lo + hi)
         above = excess(mid) > 0
         lo = torch.where(above, mid, lo)
         hi = torch.where(above, hi, mid)
-    root_m1 = torch.expm1(0.5 * (lo + hi))
+    root_log = 0.5 * (lo + hi)
     saturated = both_p * f(torch.zeros_like(both_p)) + both_q * f(1 / both_q) <= delta
-    root_m1 = torch.where(saturated, -1.0, root_m1)
-    return root_m1[0] + 1, _upper_from_mirror(p, q, root_m1[1])
+    lower = torch.where(saturated[0], 0.0, torch.exp(root_log[0]))
+    return lower, _upper_from_mirror(p, q, torch.where(saturated[1], -1.0, torch.expm1(root_log[1])))
 
 
 def _kl_raw_bounds(p: torch.Tensor, q: torch.Tensor, delta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -173,8 +174,13 @@ def _kl_raw_bounds(p: torch.Tensor, q: torch.Tensor, delta: float) -> tuple[torc
     """
     both_p = torch.stack([p, q])  # lower roots at p (for l) and at q (for u, by the mirror identity)
     both_q = torch.stack([q, p])
-    s_min = torch.xlogy(both_q, both_q).sub_(delta).div_(both_p).clamp_(min=_log_floor(p.dtype))
-    s = torch.div(both_q, both_p).mul_(2 * delta).sqrt_().neg_().add_(1).clamp_(min=0).log_()
+    # log q as log1p(-p) while p < 1/2: log(q) of a q near 1 keeps only its absolute accuracy, and an s_min that is
+    # off by that (2e-3 in float32 at p = 3e-5) is no longer a left bracket, so the clamp would stop Newton short.
+    log_q = torch.where(both_p < 0.5, torch.log1p(-both_p), torch.log(both_q))
+    s_min = log_q.mul_(both_q).sub_(delta).div_(both_p).clamp_(min=_log_floor(p.dtype))
+    # log1p(-x), not log(1 - x): for p < eps^2 the estimate x is below eps, 1 - x rounds to 1, s = 0 is a fixed
+    # point of the Newton step (expm1(0) = 0 slope) and the upper bound from the mirror would collapse to 1.
+    s = torch.div(both_q, both_p).mul_(2 * delta).sqrt_().clamp_(max=1).neg_().log1p_()
     torch.maximum(s, s_min, out=s)
     for _ in range(4 if p.dtype == torch.float64 else 3):
         p_em1 = torch.expm1(s).mul_(both_p)
@@ -214,17 +220,17 @@ def _rkl_raw_bounds(p: torch.Tensor, q: torch.Tensor, delta: float) -> tuple[tor
 
 
 def _tv_raw_bounds(p: torch.Tensor, q: torch.Tensor, delta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    step = delta / p
-    return (1 - step).clamp(min=0), torch.minimum(1 + step, 1 / p)
+    step = torch.reciprocal(p).mul_(delta)
+    return torch.sub(1, step).clamp_(min=0), torch.minimum(step.add_(1), torch.reciprocal(p))
 
 
 def _chi2_raw_bounds(p: torch.Tensor, q: torch.Tensor, delta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    step = torch.sqrt(delta * q / p)
-    return (1 - step).clamp(min=0), torch.minimum(1 + step, 1 / p)
+    step = torch.div(q, p).mul_(delta).sqrt_()
+    return torch.sub(1, step).clamp_(min=0), torch.minimum(step.add_(1), torch.reciprocal(p))
 
 
 def _hellinger_raw_bounds(p: torch.Tensor, q: torch.Tensor, delta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    alpha = torch.asin(torch.sqrt(p))
+    alpha = torch.atan2(torch.sqrt(p), torch.sqrt(q))  # asin(sqrt(p)), accurate also as p -> 1 (q is exact there)
     phi = math.acos(max(1 - delta / 2, -1.0))
     lower = torch.sin((alpha - phi).clamp(min=0)).square() / p
     upper = torch.sin((alpha + phi).clamp(max=math.pi / 2)).square() / p
@@ -284,9 +290,10 @@ def _work_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _raw_log_range(work: torch.dtype, out: torch.dtype) -> tuple[float, float]:
-    # Raw bounds reach 1/p: keep p large enough that 1/p is finite in the output dtype, and 1 - p > 0.
+    # Raw bounds reach 1/p: keep p large enough that 1/p is finite in the output dtype, and 1 - p > 0 (q is
+    # -expm1(log p), so log p <= -tiny is enough; a coarser cap such as -eps^2 would move l(p) for rkl by 1e-4).
     p_floor = max(torch.finfo(work).tiny, 4.0 / torch.finfo(out).max)
-    return math.log(p_floor), -(torch.finfo(work).eps ** 2)
+    return math.log(p_floor), -torch.finfo(work).tiny
 
 
 @functools.lru_cache(maxsize=256)
@@ -330,13 +337,13 @@ def band_bounds(
         if max_ratio is None:
             log_min, log_max = _raw_log_range(work, old_logps.dtype)
             logp = logp.clamp(log_min, log_max)
-            lower, upper = spec.bounds(torch.exp(logp), -torch.expm1(logp), delta)
+            lower, upper = spec.bounds(torch.exp(logp), torch.expm1(logp).neg_(), delta)
         else:
             clamped = logp.clamp(_LOG_TAIL, _LOG_HEAD)
-            lower, upper = spec.bounds(torch.exp(clamped), -torch.expm1(clamped), delta)
+            lower, upper = spec.bounds(torch.exp(clamped), torch.expm1(clamped).neg_(), delta)
             tail, head = logp < _LOG_TAIL, logp > _LOG_HEAD
-            lower = torch.where(head, _lower_limit_at_one(spec, delta), lower.clamp(0, 1)).masked_fill(tail, 0.0)
-            upper = torch.where(tail, max_ratio, upper.clamp(1, max_ratio)).masked_fill(head, 1.0)
+            lower = lower.clamp(0, 1).masked_fill_(head, _lower_limit_at_one(spec, delta)).masked_fill_(tail, 0.0)
+            upper = upper.clamp(1, max_ratio).masked_fill_(tail, max_ratio).masked_fill_(head, 1.0)
         return lower.to(old_logps.dtype), upper.to(old_logps.dtype)
 
 
