@@ -84,7 +84,7 @@ def register_divergence(
     """Register an f-divergence under ``name``; only its generator ``f`` is required.
 
     Example:
-        >>> register_divergence("js", lambda u: 0.5 * (torch.xlogy(u, u) - torch.xlogy(u + 1, (u + 1) / 2)) + 0.5 * math.log(2))
+        >>> register_divergence("js", lambda u: 0.5 * (torch.xlogy(u, u) - torch.xlogy(u + 1, (u + 1) / 2)))
         >>> band_bounds(old_logps, "js", delta=0.02)
     """
     if not isinstance(name, str) or not name:
