@@ -1,0 +1,607 @@
+"""Evaluation: the pass@k / mean@k estimators, scoring, generation backends, the `bandpo-eval` command and the callback.
+
+The end-to-end runs use tiny models built and trained here in a few seconds: an "oracle" that memorised the answers of
+the toy problems it is evaluated on (so mean@k = pass@k = 1 through real sampling), and a LoRA adapter that turns a
+base model with swapped answers (mean@k = 0) into one with the right answers.
+"""
+
+from __future__ import annotations
+
+import importlib.machinery
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from bandpo_trl import evaluate
+from bandpo_trl.evaluate import (
+    BenchmarkEvalCallback,
+    Completion,
+    EvalArguments,
+    TransformersGenerator,
+    encode_prompt,
+    evaluate_benchmark,
+    format_results_table,
+    get_checker,
+    main,
+    resolve_backend,
+    resolve_model_and_adapter,
+    sampling_generation_config,
+    score_completions,
+)
+from bandpo_trl.metrics import mean_at_k, pass_at_k, problem_pass_at_k
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+NUM_TOY = 2  # toy problems of the end-to-end runs
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # Tiny models gain nothing from intra-op threads, and on a busy 2-core machine they slow everything down a lot.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Estimators
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "n, c, k, expected",
+    [
+        (5, 2, 2, 0.7),  # 1 - C(3, 2) / C(5, 2) = 1 - 3/10
+        (4, 1, 2, 0.5),  # 1 - C(3, 2) / C(4, 2) = 1 - 3/6
+        (3, 1, 2, 2 / 3),  # 1 - C(2, 2) / C(3, 2) = 1 - 1/3
+        (6, 2, 3, 0.8),  # 1 - C(4, 3) / C(6, 3) = 1 - 4/20
+        (10, 3, 1, 0.3),  # pass@1 = c / n
+        (32, 4, 1, 0.125),
+        (32, 1, 32, 1.0),  # one correct sample is enough for pass@n
+        (32, 1, 16, 0.5),  # 1 - C(31, 16) / C(32, 16) = 1 - 16/32
+    ],
+)
+def test_pass_at_k_hand_computed(n, c, k, expected):
+    assert pass_at_k(n, c, k) == pytest.approx(expected, abs=1e-15)
+
+
+def test_pass_at_k_edge_cases():
+    for n in (1, 2, 7, 32):
+        for k in range(1, n + 1):
+            assert pass_at_k(n, 0, k) == 0.0  # c = 0
+            assert pass_at_k(n, n, k) == 1.0  # c = n
+        for c in range(1, n + 1):
+            assert pass_at_k(n, c, n) == 1.0  # k = n: solved iff any sample is correct
+    assert pass_at_k(10, 3, 1) == 0.3  # pass@1 exactly c / n, no rounding drift
+    with pytest.raises(ValueError, match=r"k=5 > n=4"):
+        pass_at_k(4, 1, 5)  # k > n
+    with pytest.raises(ValueError, match="k=33 > n=32"):
+        pass_at_k(32, 0, 33)
+    for bad in [(4, 5, 1), (4, -1, 1), (4, 1, 0), (0, 0, 1)]:
+        with pytest.raises(ValueError):
+            pass_at_k(*bad)
+    for bad in [(4.0, 1, 1), (4, 1, True)]:
+        with pytest.raises(TypeError):
+            pass_at_k(*bad)
+
+
+def test_pass_at_k_equals_binomial_formula_and_is_monotone():
+    for n in range(1, 13):
+        for c in range(n + 1):
+            values = [pass_at_k(n, c, k) for k in range(1, n + 1)]
+            for k, value in zip(range(1, n + 1), values):
+                assert value == pytest.approx(1 - math.comb(n - c, k) / math.comb(n, k), abs=1e-14)
+            assert values == sorted(values)  # more tries never hurt
+            if c < n:
+                assert pass_at_k(n, c, 1) <= pass_at_k(n, c + 1, 1)
+
+
+def test_pass_at_k_large_n_is_stable():
+    assert pass_at_k(1000, 1, 1) == 0.001
+    # log-space reference: C(n - c, k) / C(n, k) = exp(lgamma terms)
+    n, c, k = 10_000, 30, 500
+    log_ratio = (
+        math.lgamma(n - c + 1) - math.lgamma(n - c - k + 1) - math.lgamma(n + 1) + math.lgamma(n - k + 1)
+    )  # C(n-c, k) / C(n, k)
+    assert pass_at_k(n, c, k) == pytest.approx(1 - math.exp(log_ratio), rel=1e-9)
+    assert 0 < pass_at_k(n, 1, 1) < pass_at_k(n, 1, 2) < 1
+
+
+def test_mean_at_k_and_benchmark_pass_at_k():
+    correct = [[True, False, False, False], [True, True, True, True], [False, False, False, False]]
+    assert mean_at_k(correct) == pytest.approx(5 / 12)
+    assert problem_pass_at_k(correct, 1) == pytest.approx((1 / 4 + 1 + 0) / 3)
+    assert problem_pass_at_k(correct, 1) == pytest.approx(mean_at_k(correct))  # pass@1 = mean@k for equal n
+    assert problem_pass_at_k(correct, 2) == pytest.approx((0.5 + 1 + 0) / 3)  # 1 - C(3,2)/C(4,2) = 0.5
+    assert problem_pass_at_k(correct, 4) == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="k=5 > n=4"):
+        problem_pass_at_k(correct, 5)
+    with pytest.raises(ValueError):
+        mean_at_k([])
+    with pytest.raises(ValueError):
+        mean_at_k([[True], []])
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Scoring
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_score_math_samples_with_the_accuracy_reward_checker():
+    from bandpo_trl.rewards import math_accuracy_reward
+
+    completions = [
+        "Half of one is a half.\nAnswer: 0.5",
+        r"So the result is $\boxed{\frac{1}{2}}$.",
+        "Answer: \\dfrac12",
+        "Answer: 2",
+        "I am not sure.",
+    ]
+    answers, correct = score_completions(completions, r"\frac{1}{2}")
+    assert correct == [True, True, True, False, False]
+    assert answers == ["0.5", r"\frac{1}{2}", "\\dfrac12", "2", None]
+    # The same verdicts as the reward used in training.
+    rewards = math_accuracy_reward(completions, answer=[r"\frac{1}{2}"] * len(completions))
+    assert [r == 1.0 for r in rewards] == correct
+    checker, _ = get_checker("aime24")
+    assert checker("Answer: 204", "204") and not checker("Answer: 205", "204")
+
+
+def test_score_toy_samples_with_the_toy_reward_checker():
+    checker, extractor = get_checker("toy_arithmetic")
+    answers, correct = score_completions(["47", " 47\n", "48", "47 apples", ""], "47", checker, extractor)
+    assert correct == [True, True, False, False, False]
+    assert answers == ["47", "47", "48", None, None]
+
+
+class ScriptedGenerator:
+    """Returns pre-written completions per prompt (keyed by the prompt's token ids)."""
+
+    def __init__(self, tokenizer, script):
+        self.tokenizer, self.script, self.calls = tokenizer, script, []
+
+    def generate(self, prompts, n, desc=None):
+        self.calls.append((len(prompts), n))
+        out = []
+        for ids in prompts:
+            texts = self.script[self.tokenizer.decode(ids)]
+            assert len(texts) == n
+            out.append([Completion(text=t, num_tokens=len(t) + 1, finished=t != "") for t in texts])
+        return out
+
+
+def test_evaluate_benchmark_metrics_and_records():
+    from datasets import Dataset
+
+    from bandpo_trl.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    dataset = Dataset.from_dict(
+        {"prompt": ["1+1=", "2+2=", "3+3="], "answer": ["2", "4", "6"], "problem_id": ["a", "b", "c"]}
+    )
+    script = {"1+1=": ["2", "3", "3", "3"], "2+2=": ["4", "4", "4", "4"], "3+3=": ["5", "", "x", "7"]}
+    generator = ScriptedGenerator(tokenizer, script)
+    result = evaluate_benchmark("toy_arithmetic", dataset, generator, tokenizer, k=4, pass_k=[1, 2, 4])
+    assert generator.calls == [(3, 4)]
+    metrics = result.metrics
+    assert metrics["num_problems"] == 3 and metrics["num_samples"] == 12 and metrics["num_correct"] == 5
+    assert metrics["mean@4"] == pytest.approx(5 / 12)
+    assert metrics["pass@1"] == pytest.approx(5 / 12)
+    assert metrics["pass@2"] == pytest.approx((0.5 + 1 + 0) / 3)
+    assert metrics["pass@4"] == pytest.approx(2 / 3)
+    assert metrics["no_answer_rate"] == pytest.approx(2 / 12)
+    assert metrics["truncated_rate"] == pytest.approx(1 / 12)
+    first = result.records[0]
+    assert first["problem_id"] == "a" and first["gold"] == "2" and first["prompt"] == "1+1="
+    assert first["answers"] == ["2", "3", "3", "3"] and first["correct"] == [True, False, False, False]
+    assert first["completions"] == script["1+1="] and first["num_correct"] == 1
+    table = format_results_table({"toy_arithmetic": metrics}, 4, [1, 2, 4])
+    assert (
+        table.splitlines()[0]
+        == "| benchmark | problems | samples | mean@4 (%) | pass@1 (%) | pass@2 (%) | pass@4 (%) |"
+    )
+    assert table.splitlines()[2] == "| toy_arithmetic | 3 | 12 | 41.67 | 41.67 | 50.00 | 66.67 |"
+
+
+def test_eval_arguments():
+    args = EvalArguments(model="m")
+    assert (args.benchmarks, args.k, args.pass_k, args.temperature, args.top_p) == (
+        ["aime24", "aime25", "amc23"],
+        32,
+        [32],
+        1.0,
+        1.0,
+    )
+    assert EvalArguments(model="m", benchmarks=["aime24,amc23", "math500"], k=8, pass_k=[8, 1]).benchmarks == [
+        "aime24",
+        "amc23",
+        "math500",
+    ]
+    with pytest.raises(ValueError, match="pass_k"):
+        EvalArguments(model="m", k=4, pass_k=[8])
+    with pytest.raises(ValueError, match="backend"):
+        EvalArguments(model="m", backend="tgi")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Generation
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_sampling_config_overrides_the_model_generation_defaults(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    # What a Hub checkpoint's generation_config.json often holds: all of it would silently change the distribution.
+    model.generation_config.update(do_sample=True, top_k=20, top_p=0.8, temperature=0.6, repetition_penalty=1.05)
+    model.generation_config.min_p = 0.1
+    config = sampling_generation_config(model, tokenizer, temperature=1.0, top_p=1.0, max_new_tokens=7)
+    resolved, _ = model._prepare_generation_config(config)
+    assert resolved.do_sample and resolved.temperature == 1.0 and resolved.top_p == 1.0
+    assert resolved.top_k == 0 and resolved.repetition_penalty == 1.0 and resolved.min_p == 0.0
+    assert resolved.max_new_tokens == 7 and resolved.eos_token_id == [tokenizer.eos_token_id]
+    greedy = sampling_generation_config(model, tokenizer, temperature=0.0)
+    assert not model._prepare_generation_config(greedy)[0].do_sample
+
+
+def test_encode_prompt_plain_and_conversational(tiny_model_dir):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    assert tokenizer.decode(encode_prompt(tokenizer, "12+35=")) == "12+35="
+    messages = [{"role": "user", "content": "2+2?"}]
+    assert tokenizer.decode(encode_prompt(tokenizer, messages)) == "user: 2+2?\nassistant: "
+
+
+def test_transformers_generator_left_padding_and_batching(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    prompts = [encode_prompt(tokenizer, p) for p in ["7=", "12+35=", "1+1+1+1="]]
+    kwargs = dict(temperature=0.0, max_new_tokens=5, show_progress=False)
+    alone = [TransformersGenerator(model, tokenizer, batch_size=1, **kwargs).generate([p], 1)[0][0] for p in prompts]
+    batched = TransformersGenerator(model, tokenizer, batch_size=8, **kwargs).generate(prompts, 1)
+    # Greedy decoding of a left-padded batch gives what each prompt gives on its own.
+    assert [row[0].text for row in batched] == [c.text for c in alone]
+    assert all(c.num_tokens == 5 or c.finished for c in alone)
+
+    calls = []
+    original = model.generate
+
+    def counting_generate(*args, **kw):
+        out = original(*args, **kw)
+        calls.append((kw["input_ids"].shape[0], kw["generation_config"].num_return_sequences, out.shape[0]))
+        return out
+
+    model.generate = counting_generate
+    sampler = TransformersGenerator(
+        model, tokenizer, temperature=1.0, max_new_tokens=3, show_progress=False, batch_size=2
+    )
+    samples = sampler.generate(prompts, 3)  # batch_size < n: 2 + 1 samples per prompt
+    assert [len(row) for row in samples] == [3, 3, 3]
+    assert calls == [(1, 2, 2), (1, 1, 1)] * 3
+    calls.clear()
+    TransformersGenerator(model, tokenizer, max_new_tokens=3, show_progress=False, batch_size=7).generate(prompts, 3)
+    assert calls == [(2, 3, 6), (1, 3, 3)]  # 7 // 3 = 2 prompts with all their samples per call
+
+
+def test_transformers_generator_is_seeded(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, set_seed
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    generator = TransformersGenerator(model, tokenizer, max_new_tokens=6, show_progress=False)
+    prompts = [encode_prompt(tokenizer, "12+35=")]
+
+    def texts(seed):
+        set_seed(seed)
+        return [c.text for c in generator.generate(prompts, 4)[0]]
+
+    assert texts(0) == texts(0)
+    assert texts(0) != texts(1)
+    assert len(set(texts(0))) > 1  # temperature 1.0 on a random model: diverse samples
+
+
+def test_resolve_backend(monkeypatch):
+    real_find_spec = importlib.util.find_spec
+
+    def find_spec(has_vllm):
+        return lambda name, *a: (object() if has_vllm else None) if name == "vllm" else real_find_spec(name, *a)
+
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec(False))
+    assert resolve_backend("auto") == "transformers"
+    assert resolve_backend("transformers") == "transformers"
+    with pytest.raises(ImportError, match="vllm"):
+        resolve_backend("vllm")
+    monkeypatch.setattr(importlib.util, "find_spec", find_spec(True))
+    monkeypatch.setattr(evaluate, "_cuda_available", lambda: False)
+    assert resolve_backend("auto") == "transformers"
+    with pytest.raises(RuntimeError, match="CUDA"):
+        resolve_backend("vllm")
+    monkeypatch.setattr(evaluate, "_cuda_available", lambda: True)
+    assert resolve_backend("auto") == "vllm"
+    with pytest.raises(ValueError):
+        resolve_backend("tgi")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# End to end: tiny models that know the toy answers
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _toy_problems():
+    from bandpo_trl.data import load_named_dataset
+
+    # What `bandpo-eval --benchmarks toy_arithmetic --num_problems 2 --seed 0` evaluates.
+    return load_named_dataset("toy_arithmetic", split="test", num_samples=NUM_TOY, seed=0)
+
+
+def _memorize(model, tokenizer, pairs, steps, lr):
+    """Plain-torch supervised training of `prompt -> answer<eos>` pairs (completion-only loss)."""
+    sequences = [(tokenizer(p)["input_ids"], tokenizer(a)["input_ids"] + [tokenizer.eos_token_id]) for p, a in pairs]
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        for _ in range(steps):
+            loss = sum(
+                model(input_ids=torch.tensor([p + c]), labels=torch.tensor([[-100] * len(p) + c])).loss
+                for p, c in sequences
+            )
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    return loss.item()
+
+
+@pytest.fixture(scope="module")
+def toy_pairs():
+    problems = _toy_problems()
+    assert len(set(problems["answer"])) == NUM_TOY
+    return list(zip(problems["prompt"], problems["answer"]))
+
+
+@pytest.fixture(scope="module")
+def oracle_model_dir(tmp_path_factory, toy_pairs):
+    """A tiny model that answers the evaluated toy problems right (trained to a loss of ~1e-3)."""
+    from bandpo_trl.tiny import build_tiny_model, build_tiny_tokenizer
+
+    path = tmp_path_factory.mktemp("oracle")
+    tokenizer = build_tiny_tokenizer()
+    model = build_tiny_model(tokenizer, hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+    assert _memorize(model, tokenizer, toy_pairs, steps=60, lr=3e-2) < 0.01
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def base_and_adapter_dirs(tmp_path_factory, toy_pairs):
+    """A base model that gives each problem the other one's answer, and a LoRA adapter that fixes it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from bandpo_trl.tiny import build_tiny_model, build_tiny_tokenizer
+
+    root = tmp_path_factory.mktemp("lora")
+    tokenizer = build_tiny_tokenizer()
+    base = build_tiny_model(tokenizer, hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+    swapped = [(p, a) for (p, _), (_, a) in zip(toy_pairs, toy_pairs[::-1])]
+    assert _memorize(base, tokenizer, swapped, steps=60, lr=3e-2) < 0.01
+    base.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    # Loaded from disk, so that the adapter records where its base model is (`base_model_name_or_path`).
+    base = AutoModelForCausalLM.from_pretrained(root / "base")
+    lora = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=0.0))
+    assert _memorize(lora, tokenizer, toy_pairs, steps=80, lr=2e-2) < 0.01
+    lora.save_pretrained(root / "adapter")  # adapter only: the tokenizer comes from the base model
+    return root / "base", root / "adapter"
+
+
+def _read_results(output_dir, benchmark="toy_arithmetic"):
+    with open(os.path.join(output_dir, f"{benchmark}.jsonl")) as handle:
+        records = [json.loads(line) for line in handle]
+    with open(os.path.join(output_dir, "summary.json")) as handle:
+        summary = json.load(handle)
+    return records, summary
+
+
+def _toy_cli_args(model, output_dir, *extra):
+    return [
+        "--model", str(model), "--benchmarks", "toy_arithmetic", "--k", "4", "--pass_k", "1", "4",
+        "--num_problems", str(NUM_TOY), "--max_new_tokens", "5", "--batch_size", "8", "--seed", "0",
+        "--output_dir", str(output_dir), "--show_progress", "false", *extra,
+    ]  # fmt: skip
+
+
+def test_cli_end_to_end_real_generation(oracle_model_dir, toy_pairs, tmp_path):
+    """`python -m bandpo_trl.evaluate` in a subprocess, real sampling at temperature 1.0, the oracle model: 1.0."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    out = tmp_path / "eval"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bandpo_trl.evaluate", *_toy_cli_args(oracle_model_dir, out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO_ROOT,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| benchmark | problems | samples | mean@4 (%) | pass@1 (%) | pass@4 (%) |" in proc.stdout
+    assert "| toy_arithmetic | 2 | 8 | 100.00 | 100.00 | 100.00 |" in proc.stdout
+    records, summary = _read_results(out)
+    assert [(r["prompt"], r["gold"]) for r in records] == toy_pairs
+    assert [r["problem_id"] for r in records] == [f"toy_arithmetic/{p[:-1]}" for p, _ in toy_pairs]
+    for record in records:
+        assert record["completions"] == [record["gold"]] * 4 and record["answers"] == [record["gold"]] * 4
+        assert record["correct"] == [True] * 4 and all(record["finished"])
+    results = summary["results"]["toy_arithmetic"]
+    assert results["mean@4"] == results["pass@4"] == results["pass@1"] == 1.0
+    assert summary["backend"] == "transformers" and summary["config"]["temperature"] == 1.0
+
+
+def test_cli_random_model_records_are_consistent_and_reproducible(tiny_model_dir, tmp_path, capsys):
+    main(_toy_cli_args(tiny_model_dir, tmp_path / "a"))
+    # The same run from a YAML config (TrlParser's --config), one flag overriding it.
+    config = tmp_path / "eval.yaml"
+    config.write_text(
+        f"model: {tiny_model_dir}\nbenchmarks: [toy_arithmetic]\nk: 4\npass_k: [1, 4]\nnum_problems: {NUM_TOY}\n"
+        "max_new_tokens: 5\nbatch_size: 8\nseed: 0\nshow_progress: false\noutput_dir: elsewhere\n"
+    )
+    main(["--config", str(config), "--output_dir", str(tmp_path / "b")])
+    assert "| toy_arithmetic | 2 | 8 |" in capsys.readouterr().out
+    records, summary = _read_results(tmp_path / "a")
+    assert records == _read_results(tmp_path / "b")[0]  # seeded
+    assert len(records) == NUM_TOY and all(len(r["completions"]) == 4 for r in records)
+    results = summary["results"]["toy_arithmetic"]
+    assert results["mean@4"] == pytest.approx(mean_at_k([r["correct"] for r in records]))
+    assert results["pass@4"] == pytest.approx(problem_pass_at_k([r["correct"] for r in records], 4))
+    assert all(t <= 5 for r in records for t in r["completion_tokens"])
+
+
+def test_lora_adapter_through_the_cli(base_and_adapter_dirs, tmp_path):
+    base, adapter = base_and_adapter_dirs
+    main(_toy_cli_args(base, tmp_path / "base"))
+    assert _read_results(tmp_path / "base")[1]["results"]["toy_arithmetic"]["mean@4"] == 0.0
+    # --adapter, and the default output directory <adapter>/eval
+    args = _toy_cli_args(base, "unused", "--adapter", str(adapter))
+    del args[args.index("--output_dir") : args.index("--output_dir") + 2]
+    main(args)
+    records, summary = _read_results(adapter / "eval")
+    results = summary["results"]["toy_arithmetic"]
+    assert results["pass@4"] == 1.0 and results["mean@4"] >= 0.9
+    assert summary["config"]["adapter"] == str(adapter)
+    # An adapter directory given as --model stands for base + adapter.
+    assert resolve_model_and_adapter(str(adapter)) == (str(base), str(adapter))
+    main(_toy_cli_args(adapter, tmp_path / "as-model"))
+    assert _read_results(tmp_path / "as-model")[0] == records
+
+
+def test_vllm_backend_code_path_with_a_stand_in_vllm(oracle_model_dir, base_and_adapter_dirs, tmp_path, monkeypatch):
+    """vLLM is not installed here: a stand-in module checks what the backend hands vLLM and how it reads the outputs."""
+    from transformers import AutoTokenizer
+
+    seen = {}
+
+    class LLM:
+        def __init__(self, model, tokenizer, **kwargs):
+            assert os.path.isfile(os.path.join(model, "config.json"))  # a full (merged) checkpoint
+            seen["llm"] = dict(model=model, tokenizer=tokenizer, **kwargs)
+            self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
+
+        def generate(self, prompts, params, use_tqdm=True):
+            seen.setdefault("prompts", []).extend(p["prompt_token_ids"] for p in prompts)
+            seen["params"] = params.kwargs
+            answers = dict(toy_pairs_for_stub)
+            out = []
+            for p in prompts:
+                gold = answers[self.tokenizer.decode(p["prompt_token_ids"])]
+                sample = types.SimpleNamespace(text=gold, token_ids=[0] * (len(gold) + 1), finish_reason="stop")
+                out.append(types.SimpleNamespace(outputs=[sample] * params.kwargs["n"]))
+            return out
+
+    class SamplingParams:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+    toy_pairs_for_stub = list(zip(_toy_problems()["prompt"], _toy_problems()["answer"]))
+    vllm = types.ModuleType("vllm")
+    vllm.LLM, vllm.SamplingParams = LLM, SamplingParams
+    vllm.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+    monkeypatch.setattr(evaluate, "_cuda_available", lambda: True)  # what a GPU machine with vLLM looks like
+
+    main([*_toy_cli_args(oracle_model_dir, tmp_path / "v"), "--backend", "auto"])
+    records, summary = _read_results(tmp_path / "v")
+    assert summary["backend"] == "vllm" and summary["results"]["toy_arithmetic"]["mean@4"] == 1.0
+    assert seen["llm"]["model"] == str(oracle_model_dir) and seen["llm"]["seed"] == 0
+    assert seen["params"] == {"n": 4, "temperature": 1.0, "top_p": 1.0, "max_tokens": 5}
+    tokenizer = AutoTokenizer.from_pretrained(oracle_model_dir)
+    assert seen["prompts"] == [encode_prompt(tokenizer, p) for p, _ in toy_pairs_for_stub]
+
+    # With an adapter, vLLM serves a temporary merged checkpoint, removed afterwards.
+    base, adapter = base_and_adapter_dirs
+    main([*_toy_cli_args(base, tmp_path / "va", "--adapter", str(adapter)), "--backend", "vllm"])
+    merged = seen["llm"]["model"]
+    assert merged != str(base) and seen["llm"]["tokenizer"] == merged and not os.path.exists(merged)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# During training
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def test_callback_logs_benchmark_metrics_during_training(oracle_model_dir, tmp_path):
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from bandpo_trl.rewards import toy_accuracy_reward
+
+    callback = BenchmarkEvalCallback(
+        benchmarks=["toy_arithmetic"], every_n_steps=2, k=2, num_problems=NUM_TOY, max_new_tokens=5
+    )
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "run"),
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        learning_rate=0.0,  # the policy stays the oracle: the logged accuracy must be 1
+        per_device_train_batch_size=4,
+        num_generations=4,
+        max_completion_length=4,
+        max_steps=4,
+        logging_steps=3,
+        save_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+    )
+    trainer = GRPOTrainer(
+        model=str(oracle_model_dir),
+        reward_funcs=toy_accuracy_reward,
+        args=args,
+        train_dataset=Dataset.from_dict({"prompt": ["1+1=", "2+2="] * 4, "answer": ["2", "4"] * 4}),
+        callbacks=[callback],
+    )
+    trainer.train()
+    logged = [entry for entry in trainer.state.log_history if "eval/toy_arithmetic/mean@2" in entry]
+    assert [entry["step"] for entry in logged] == [2, 4]  # every 2 steps, besides the regular logs at step 3
+    for entry in logged:
+        assert entry["eval/toy_arithmetic/mean@2"] == entry["eval/toy_arithmetic/pass@2"] == 1.0
+    assert any("loss" in entry for entry in logged)  # they join the trainer's own log entry of that step
+    records = [
+        json.loads(line) for line in open(tmp_path / "run" / "benchmark_eval" / "step-2" / "toy_arithmetic.jsonl")
+    ]
+    assert len(records) == NUM_TOY and all(r["correct"] == [True, True] for r in records)
+    assert [h["step"] for h in callback.history] == [2, 4]
+
+
+def test_callback_leaves_the_training_rng_alone_and_can_be_disabled(tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerControl, TrainerState
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    callback = BenchmarkEvalCallback(["toy_arithmetic"], every_n_steps=1, k=2, num_problems=1, max_new_tokens=2)
+    model.train()
+    state = torch.get_rng_state()
+    metrics = callback.evaluate(model, tokenizer)
+    assert torch.equal(torch.get_rng_state(), state)
+    assert model.training  # restored after generation
+    assert set(metrics) == {"eval/toy_arithmetic/mean@2", "eval/toy_arithmetic/pass@2"}
+
+    disabled = BenchmarkEvalCallback(["toy_arithmetic"], every_n_steps=0)
+    control = TrainerControl()
+    train_state = TrainerState()
+    train_state.global_step = 5
+    disabled.on_step_end(None, train_state, control, model=model, processing_class=tokenizer)
+    assert not control.should_log and disabled.history == []
