@@ -1,0 +1,235 @@
+r"""Named datasets for training and evaluation, each mapped to the paper's prompt and a gold answer.
+
+Every dataset, whatever its source layout, comes out with the same three columns:
+
+- `prompt`: the paper's instruction (step-by-step reasoning, last line `Answer: $Answer`) around the problem, as a
+  conversational prompt `[{"role": "user", "content": ...}]`. For `toy_arithmetic`, a plain-text prompt `"3+5="`
+  sized for the tiny character-level model of the embedded default.
+- `answer`: the gold final answer as a string (e.g. `"34"`, `"\frac{1}{2}"`), what the rewards compare against.
+- `problem_id`: a stable string id, `"<dataset name>/<source id or content hash>"`.
+
+Each source has a pure per-row mapping function (`map_<source>_row`), tested on inline rows with the real column
+layout, so the Hub is only needed to fetch the real data.
+
+Example:
+```python
+>>> from bandpo_trl.data import load_named_dataset
+>>> ds = load_named_dataset("toy_arithmetic", num_samples=2, seed=0)
+>>> ds.column_names
+['prompt', 'answer', 'problem_id']
+>>> train = load_named_dataset("dapo_math_17k")  # downloads open-r1/DAPO-Math-17k-Processed (config "en")
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from datasets import Dataset, load_dataset
+
+from .rewards import last_boxed_content
+
+# The instruction of the paper's training data (DAPO-Math-17k ships its problems wrapped in exactly this text).
+MATH_PROMPT_TEMPLATE = (
+    "Solve the following math problem step by step. The last line of your response should be of the form "
+    "Answer: $Answer (without quotes) where $Answer is the answer to the problem.\n\n{problem}\n\n"
+    'Remember to put your answer on its own line after "Answer:".'
+)
+_DAPO_PREFIX = MATH_PROMPT_TEMPLATE.split("{problem}")[0]
+_DAPO_SUFFIX = MATH_PROMPT_TEMPLATE.split("{problem}")[1]
+
+MATH_TRAIN_LEVELS = ("Level 3", "Level 4", "Level 5")
+
+
+def math_prompt(problem: str) -> list[dict[str, str]]:
+    """The paper's conversational prompt for one math problem."""
+    return [{"role": "user", "content": MATH_PROMPT_TEMPLATE.format(problem=problem.strip())}]
+
+
+def _content_id(text: str) -> str:
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:12]
+
+
+def _answer_to_str(value) -> str:
+    """Gold answers stored as numbers (e.g. `27.0` in some AMC dumps) become `"27"`; strings are stripped."""
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value).strip()
+
+
+# Per-source row mappings: real column layout in, {"prompt", "answer", "problem_id"} out.
+
+
+def map_dapo_math_17k_row(row: dict) -> dict:
+    """`open-r1/DAPO-Math-17k-Processed`: `prompt` (problem already wrapped in the DAPO instruction), `solution`
+    (the gold answer) and `extra_info.index` (a UUID). The wrapper is stripped and re-applied, so the prompt is
+    the paper's whatever the source's whitespace."""
+    problem = row["prompt"].strip()
+    if problem.startswith(_DAPO_PREFIX.strip()):
+        problem = problem[len(_DAPO_PREFIX.strip()) :]
+    if problem.endswith(_DAPO_SUFFIX.strip()):
+        problem = problem[: -len(_DAPO_SUFFIX.strip())]
+    problem = problem.strip()
+    index = (row.get("extra_info") or {}).get("index") or _content_id(problem)
+    return {
+        "prompt": math_prompt(problem),
+        "answer": _answer_to_str(row["solution"]),
+        "problem_id": f"dapo_math_17k/{index}",
+    }
+
+
+def map_math_row(row: dict) -> dict:
+    r"""MATH (`DigitalLearningGmbH/MATH-lighteval`, `EleutherAI/hendrycks_math`): `problem`, `level` ("Level 3"),
+    `type`, `solution`; the gold answer is the last `\boxed{...}` of the solution."""
+    answer = last_boxed_content(row["solution"])
+    return {
+        "prompt": math_prompt(row["problem"]),
+        "answer": "" if answer is None else answer.strip(),
+        "problem_id": f"math_l3_5/{_content_id(row['problem'])}",
+    }
+
+
+def is_math_train_row(row: dict) -> bool:
+    """MATH levels 3-5 with an extractable boxed answer (the paper's MATH training subset)."""
+    return row["level"] in MATH_TRAIN_LEVELS and last_boxed_content(row["solution"]) is not None
+
+
+def map_gsm8k_row(row: dict) -> dict:
+    """`openai/gsm8k` (config "main"): `question`, and `answer` = worked solution ending in `#### 72`."""
+    answer = row["answer"].split("####")[-1].strip().replace(",", "")
+    return {
+        "prompt": math_prompt(row["question"]),
+        "answer": answer,
+        "problem_id": f"gsm8k/{_content_id(row['question'])}",
+    }
+
+
+def map_aime24_row(row: dict) -> dict:
+    """`HuggingFaceH4/aime_2024`: `id`, `problem`, `solution`, `answer`, `url`, `year`."""
+    return {
+        "prompt": math_prompt(row["problem"]),
+        "answer": _answer_to_str(row["answer"]),
+        "problem_id": f"aime24/{row['id']}",
+    }
+
+
+def map_aime25_row(row: dict) -> dict:
+    """`math-ai/aime25`: `problem`, `answer`, `id`."""
+    return {
+        "prompt": math_prompt(row["problem"]),
+        "answer": _answer_to_str(row["answer"]),
+        "problem_id": f"aime25/{row['id']}",
+    }
+
+
+def map_amc23_row(row: dict) -> dict:
+    """`math-ai/amc23`: `question`, `answer` (may be stored as a float, e.g. `27.0`), and an `id` when present."""
+    pid = row.get("id")
+    pid = _content_id(row["question"]) if pid is None else pid
+    return {
+        "prompt": math_prompt(row["question"]),
+        "answer": _answer_to_str(row["answer"]),
+        "problem_id": f"amc23/{pid}",
+    }
+
+
+def map_math500_row(row: dict) -> dict:
+    """`HuggingFaceH4/MATH-500`: `problem`, `solution`, `answer`, `subject`, `level` (int), `unique_id`."""
+    return {
+        "prompt": math_prompt(row["problem"]),
+        "answer": _answer_to_str(row["answer"]),
+        "problem_id": f"math500/{row['unique_id']}",
+    }
+
+
+# The toy task of the embedded default: generated in code, answer checkable exactly.
+
+# Single-digit operands: 100 distinct problems, learnable by a 0.4M-parameter model in seconds, so the embedded
+# default shows RL improving a policy rather than a policy failing to learn the task.
+TOY_MAX_OPERAND = 9
+TOY_DEFAULT_SIZE = 4096
+
+
+def make_toy_arithmetic_row(a: int, b: int, op: str = "+") -> dict:
+    """One toy problem `"a+b="` (or `-`) with its exact answer, e.g. `{"prompt": "12+35=", "answer": "47", ...}`."""
+    if op not in "+-":
+        raise ValueError(f"op must be '+' or '-', got {op!r}")
+    value = a + b if op == "+" else a - b
+    expr = f"{a}{op}{b}"
+    return {"prompt": f"{expr}=", "answer": str(value), "problem_id": f"toy_arithmetic/{expr}"}
+
+
+def generate_toy_arithmetic(num_samples: int, seed: int = 0, split: str = "train") -> Dataset:
+    """`num_samples` random sums of two integers in [0, `TOY_MAX_OPERAND`], reproducible from (`seed`, `split`).
+
+    Different splits draw from different streams, so `"test"` is not a copy of `"train"`.
+    """
+    rng = random.Random(f"toy_arithmetic/{split}/{seed}")
+    rows = [
+        make_toy_arithmetic_row(rng.randint(0, TOY_MAX_OPERAND), rng.randint(0, TOY_MAX_OPERAND))
+        for _ in range(num_samples)
+    ]
+    return Dataset.from_list(rows)
+
+
+@dataclass(frozen=True)
+class DatasetSource:
+    """Where a named dataset lives on the Hub and how its rows map to (prompt, answer, problem_id)."""
+
+    path: str
+    config: str | None
+    split: str
+    map_row: Callable[[dict], dict]
+    keep_row: Callable[[dict], bool] | None = None
+
+
+DATASET_SOURCES: dict[str, DatasetSource] = {
+    # Training sets (BANDPO.md section 5). The English, deduplicated DAPO-Math-17k.
+    "dapo_math_17k": DatasetSource("open-r1/DAPO-Math-17k-Processed", "en", "train", map_dapo_math_17k_row),
+    "math_l3_5": DatasetSource(
+        "DigitalLearningGmbH/MATH-lighteval", "default", "train", map_math_row, is_math_train_row
+    ),
+    "gsm8k": DatasetSource("openai/gsm8k", "main", "train", map_gsm8k_row),
+    # Evaluation sets.
+    "aime24": DatasetSource("HuggingFaceH4/aime_2024", None, "train", map_aime24_row),
+    "aime25": DatasetSource("math-ai/aime25", None, "test", map_aime25_row),
+    "amc23": DatasetSource("math-ai/amc23", None, "test", map_amc23_row),
+    "math500": DatasetSource("HuggingFaceH4/MATH-500", None, "test", map_math500_row),
+}
+TRAIN_DATASETS = ("dapo_math_17k", "math_l3_5", "gsm8k", "toy_arithmetic")
+EVAL_DATASETS = ("aime24", "aime25", "amc23", "math500", "toy_arithmetic")
+
+
+def available_datasets() -> list[str]:
+    """Names accepted by `load_named_dataset`, sorted."""
+    return sorted({*DATASET_SOURCES, "toy_arithmetic"})
+
+
+def load_named_dataset(name: str, split: str | None = None, num_samples: int | None = None, seed: int = 0) -> Dataset:
+    """Load a dataset by name and map it to the columns `prompt`, `answer`, `problem_id`.
+
+    Args:
+        name: one of `available_datasets()`.
+        split: the source split; defaults to the one the name stands for (e.g. `"train"` for MATH, `"test"` for
+            MATH-500). For `toy_arithmetic` any string selects an independent stream of problems.
+        num_samples: if set, keep a random subset of this many rows (drawn with `seed`); `toy_arithmetic`
+            generates exactly this many (default 4096).
+        seed: seed of the subset (and of the toy generator).
+
+    Raises:
+        ValueError: unknown `name`; the message lists the known ones.
+    """
+    if name == "toy_arithmetic":
+        return generate_toy_arithmetic(num_samples or TOY_DEFAULT_SIZE, seed=seed, split=split or "train")
+    if name not in DATASET_SOURCES:
+        raise ValueError(f"Unknown dataset {name!r}. Known datasets: {', '.join(available_datasets())}")
+    source = DATASET_SOURCES[name]
+    dataset = load_dataset(source.path, source.config, split=split or source.split)
+    if source.keep_row is not None:
+        dataset = dataset.filter(source.keep_row)
+    if num_samples is not None and num_samples < len(dataset):
+        dataset = dataset.shuffle(seed=seed).select(range(num_samples))
+    return dataset.map(source.map_row, remove_columns=dataset.column_names)

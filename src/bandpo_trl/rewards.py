@@ -1,0 +1,189 @@
+r"""Reward functions with TRL's signature `fn(completions, **kwargs) -> list[float]`, and a registry by name.
+
+`completions` holds strings (plain-text prompts) or lists of `{"role": "assistant", "content": ...}` messages
+(conversational prompts); both are accepted. The gold answers arrive as the dataset column `answer=[...]`.
+
+- `math_accuracy_reward`: +1 if the final answer is mathematically equal to the gold one, -1 otherwise (the paper's
+  reward). The answer is the text after the last `Answer:`, else the last `\boxed{...}`; equality is decided by
+  `math_verify`, so `\frac{1}{2}`, `0.5` and `\dfrac12` all match `1/2`.
+- `format_reward`: 1 if the last non-empty line is `Answer: <something>`, 0 otherwise.
+- `toy_accuracy_reward`: 1 if the toy completion is exactly the gold integer, 0 otherwise.
+
+Example:
+```python
+>>> from bandpo_trl.rewards import get_reward_funcs
+>>> [accuracy] = get_reward_funcs(["math_accuracy"])
+>>> accuracy(["so x = 3.\nAnswer: \\frac{1}{2}", "Answer: 3"], answer=["0.5", "4"])
+[1.0, -1.0]
+
+```
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Callable
+
+from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+
+_ANSWER_LINE = re.compile(r"answer\s*:\**\s*(.*)", re.IGNORECASE)
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
+_TOY_ANSWER = re.compile(r"-?\d+")
+
+# How the extracted answer and the gold answer are read: LaTeX first (we wrap them in `$...$`), then a plain
+# expression such as `1/2` or `3.5`.
+_EXTRACTION_CONFIG = [LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig()]
+
+
+def completion_text(completion) -> str:
+    """The text of one completion: the string itself, or the assistant messages' contents joined."""
+    if isinstance(completion, str):
+        return completion
+    return "".join(m.get("content") or "" for m in completion if m.get("role", "assistant") == "assistant")
+
+
+def last_boxed_content(text: str) -> str | None:
+    r"""Content of the last `\boxed{...}` (or `\fbox{...}`) in `text`, braces balanced; `None` if there is none.
+
+    `\boxed 5` (no braces, as MATH sometimes writes) gives `"5"`.
+
+    >>> last_boxed_content(r"so $\boxed{\frac{1}{2}}$.")
+    '\\frac{1}{2}'
+    """
+    matches = list(_BOXED.finditer(text))
+    if not matches:
+        return None
+    start = matches[-1].end()
+    if start < len(text) and text[start] != "{":
+        token = re.match(r"[^\s$]+", text[start:])
+        return token.group(0) if token else None
+    depth = 0
+    for i in range(start, len(text)):
+        if text[i] == "{":
+            depth += 1
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return text[start + 1 : i]
+    return None  # unbalanced braces: malformed
+
+
+def extract_answer(text: str) -> str | None:
+    r"""The final answer of a completion: what follows the last `Answer:` on its line, else the last `\boxed{}`.
+
+    A `\boxed{}` or `$...$` wrapper and a trailing period on the `Answer:` line are removed. Returns `None` when
+    there is neither an `Answer:` line with content nor a boxed answer.
+
+    >>> extract_answer("2 + 2 = 4\nAnswer: $4$.")
+    '4'
+    >>> extract_answer(r"... so the result is \boxed{17}") , extract_answer("no idea")
+    ('17', None)
+    """
+    matches = _ANSWER_LINE.findall(text)
+    candidate = matches[-1].strip() if matches else ""
+    if candidate:
+        boxed = last_boxed_content(candidate)
+        if boxed is not None:
+            candidate = boxed
+        candidate = candidate.strip().rstrip(".").strip()
+        if candidate.startswith("$") and candidate.endswith("$"):
+            candidate = candidate.strip("$").strip()
+        if candidate:
+            return candidate
+    boxed = last_boxed_content(text)
+    if boxed is not None and boxed.strip():
+        return boxed.strip()
+    return None
+
+
+def _parse(expression: str, timeout: int | None):
+    return parse(f"${expression}$", extraction_config=_EXTRACTION_CONFIG, parsing_timeout=timeout)
+
+
+def is_correct(text: str, gold: str) -> bool:
+    r"""Whether the final answer of `text` (see `extract_answer`) equals `gold`, decided by `math_verify`.
+
+    When `math_verify` cannot read the gold answer (free text such as `"\text{(C)}"`), falls back to comparing
+    the two strings without whitespace.
+
+    >>> is_correct("Answer: 0.5", r"\frac{1}{2}"), is_correct("Answer: 2", "3"), is_correct("I give up", "3")
+    (True, False, False)
+    """
+    predicted = extract_answer(text)
+    if predicted is None:
+        return False
+    # math_verify times out with signal.alarm, which only works in the main thread.
+    timeout = 5 if threading.current_thread() is threading.main_thread() else None
+    if timeout is None:
+        logging.getLogger("math_verify").setLevel(logging.ERROR)
+    gold_parsed = _parse(str(gold), timeout)
+    if not gold_parsed:
+        return re.sub(r"\s+", "", predicted) == re.sub(r"\s+", "", str(gold))
+    predicted_parsed = _parse(predicted, timeout)
+    if not predicted_parsed:
+        return False
+    return bool(verify(gold_parsed, predicted_parsed, timeout_seconds=timeout))
+
+
+def math_accuracy_reward(completions: list, answer: list[str], **kwargs) -> list[float]:
+    r"""+1.0 if a completion's final answer equals its gold `answer`, else -1.0 (wrong, malformed or missing).
+
+    >>> math_accuracy_reward(
+    ...     [[{"role": "assistant", "content": "Answer: 12"}], [{"role": "assistant", "content": "Answer: 13"}]],
+    ...     answer=["12", "12"],
+    ... )
+    [1.0, -1.0]
+    """
+    return [1.0 if is_correct(completion_text(c), gold) else -1.0 for c, gold in zip(completions, answer, strict=True)]
+
+
+def format_reward(completions: list, **kwargs) -> list[float]:
+    """1.0 if the last non-empty line of a completion is `Answer: <something>` (the paper's format), else 0.0.
+
+    >>> format_reward(["step 1\\nAnswer: 42", "Answer: 42\\nhope that helps", "Answer:"])
+    [1.0, 0.0, 0.0]
+    """
+    rewards = []
+    for c in completions:
+        lines = [line.strip() for line in completion_text(c).strip().splitlines() if line.strip()]
+        rewards.append(1.0 if lines and re.fullmatch(r"Answer:\s*\S.*", lines[-1]) else 0.0)
+    return rewards
+
+
+def toy_accuracy_reward(completions: list, answer: list[str], **kwargs) -> list[float]:
+    """1.0 if a toy completion, stripped, is exactly the gold integer, else 0.0.
+
+    >>> toy_accuracy_reward(["47", " 47\\n", "48", "47 1", ""], answer=["47"] * 5)
+    [1.0, 1.0, 0.0, 0.0, 0.0]
+    """
+    rewards = []
+    for c, gold in zip(completions, answer, strict=True):
+        text = completion_text(c).strip()
+        rewards.append(1.0 if _TOY_ANSWER.fullmatch(text) and int(text) == int(gold) else 0.0)
+    return rewards
+
+
+REWARD_FUNCS: dict[str, Callable[..., list[float]]] = {
+    "math_accuracy": math_accuracy_reward,
+    "format": format_reward,
+    "toy_accuracy": toy_accuracy_reward,
+}
+
+
+def available_rewards() -> list[str]:
+    """Names accepted by `get_reward_funcs`, sorted."""
+    return sorted(REWARD_FUNCS)
+
+
+def get_reward_funcs(names: list[str]) -> list[Callable[..., list[float]]]:
+    """The reward functions named in `names`, in order.
+
+    Raises:
+        ValueError: an unknown name; the message lists the known ones.
+    """
+    unknown = [name for name in names if name not in REWARD_FUNCS]
+    if unknown:
+        raise ValueError(f"Unknown reward function(s) {unknown}. Known rewards: {', '.join(available_rewards())}")
+    return [REWARD_FUNCS[name] for name in names]

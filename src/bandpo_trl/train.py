@@ -1,0 +1,270 @@
+"""Training entry point: BandGRPO on named datasets and rewards, configured by a recipe.
+
+Usage:
+```bash
+# The embedded default (tiny local model, toy task, CPU): what `make train` runs.
+accelerate launch --config_file recipes/accelerate_configs/cpu.yaml \\
+    -m bandpo_trl.train --config recipes/tiny/bandpo/config_kl.yaml
+
+# A paper recipe on 8 GPUs; any field can be overridden on the command line.
+accelerate launch --config_file recipes/accelerate_configs/zero2.yaml \\
+    -m bandpo_trl.train --config recipes/Qwen2.5-3B-Instruct/bandpo/config_kl.yaml --band_delta 0.1
+```
+
+Arguments are parsed by TRL's `TrlParser` into (`ScriptArguments`, `BandGRPOConfig`, `ModelConfig`): the recipe's
+YAML keys set the defaults and command-line flags override them. `model_name_or_path: tiny` builds the embedded
+default's model locally and warms it up (see `bandpo_trl.tiny`); anything else is loaded with
+`AutoModelForCausalLM.from_pretrained`, with LoRA when `use_peft: true`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import PartialState
+from datasets import Dataset, concatenate_datasets
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
+
+from .config import BandGRPOConfig
+from .data import available_datasets, load_named_dataset
+from .rewards import available_rewards, get_reward_funcs
+
+logger = logging.getLogger(__name__)
+
+TINY_MODEL_NAME = "tiny"
+
+
+@dataclass
+class ScriptArguments:
+    """What to train on and with which rewards; the training and model options live in `BandGRPOConfig` and
+    TRL's `ModelConfig`.
+
+    Example (YAML recipe keys):
+    ```yaml
+    dataset_names: [dapo_math_17k, math_l3_5]
+    reward_funcs: [math_accuracy]
+    max_prompt_length: 1024
+    ```
+    """
+
+    dataset_names: list[str] = field(
+        default_factory=lambda: ["toy_arithmetic"],
+        metadata={
+            "help": f"Training datasets by name, concatenated and shuffled. Known: {', '.join(available_datasets())}."
+        },
+    )
+    dataset_split: str | None = field(
+        default=None, metadata={"help": "Split of every training dataset; default: each dataset's training split."}
+    )
+    dataset_num_samples: int | None = field(
+        default=None,
+        metadata={
+            "help": "Keep at most this many rows of each dataset (a random subset); toy_arithmetic generates this many."
+        },
+    )
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["toy_accuracy"],
+        metadata={
+            "help": f"Reward functions by name, summed with `reward_weights`. Known: {', '.join(available_rewards())}."
+        },
+    )
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata={
+            "help": "Drop training prompts longer than this many tokens (chat template applied). TRL 1.16's "
+            "GRPOConfig has no prompt length limit any more; dropping, not truncating, keeps every problem whole."
+        },
+    )
+    tiny_warmup_steps: int = field(
+        default=100,
+        metadata={"help": "model_name_or_path=tiny only: supervised warm-up steps on the toy task before RL."},
+    )
+    tiny_warmup_learning_rate: float = field(
+        default=3e-3, metadata={"help": "model_name_or_path=tiny only: learning rate of the warm-up."}
+    )
+    tiny_warmup_num_samples: int = field(
+        default=4096, metadata={"help": "model_name_or_path=tiny only: toy problems in the warm-up set."}
+    )
+    tiny_hidden_size: int = field(default=128, metadata={"help": "model_name_or_path=tiny only: hidden size."})
+    tiny_num_layers: int = field(default=2, metadata={"help": "model_name_or_path=tiny only: number of layers."})
+    torch_num_threads: int | None = field(
+        default=None,
+        metadata={
+            "help": "CPU threads torch may use (torch.set_num_threads). The tiny model's matrices are too small to "
+            "gain from threads, and on a busy machine extra threads cost a lot: its recipe sets 1."
+        },
+    )
+    eval_benchmarks: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Benchmarks to evaluate during training (e.g. aime24 amc23); needs eval_every_steps > 0."},
+    )
+    eval_every_steps: int = field(
+        default=0, metadata={"help": "Evaluate eval_benchmarks every this many optimizer steps; 0 disables it."}
+    )
+    eval_k: int = field(default=4, metadata={"help": "Samples per problem of the in-training evaluation."})
+    eval_num_problems: int | None = field(
+        default=32, metadata={"help": "Problems per benchmark of the in-training evaluation (None: all)."}
+    )
+
+
+def load_train_dataset(script_args: ScriptArguments, seed: int) -> Dataset:
+    """The named training datasets, mapped to (prompt, answer, problem_id), concatenated and shuffled."""
+    parts = [
+        load_named_dataset(
+            name, split=script_args.dataset_split, num_samples=script_args.dataset_num_samples, seed=seed
+        )
+        for name in script_args.dataset_names
+    ]
+    dataset = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+    return dataset.shuffle(seed=seed)
+
+
+def drop_long_prompts(dataset: Dataset, tokenizer, max_prompt_length: int | None) -> Dataset:
+    """Remove rows whose prompt, as the trainer will tokenize it, exceeds `max_prompt_length` tokens."""
+    if max_prompt_length is None:
+        return dataset
+
+    def prompt_length(row) -> int:
+        prompt = row["prompt"]
+        if isinstance(prompt, str):
+            return len(tokenizer(prompt)["input_ids"])
+        return len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+    kept = dataset.filter(lambda row: prompt_length(row) <= max_prompt_length)
+    if len(kept) < len(dataset):
+        logger.warning("Dropped %d prompts longer than %d tokens.", len(dataset) - len(kept), max_prompt_length)
+    return kept
+
+
+def load_tiny(script_args: ScriptArguments, training_args: BandGRPOConfig) -> str:
+    """Build and warm up (or reuse) the embedded default's model; return the directory it is saved in."""
+    from .tiny import warm_up_cached
+
+    # The warm-up draws from its own stream of toy problems, not the RL prompts.
+    sft = load_named_dataset(
+        "toy_arithmetic", split="warmup", num_samples=script_args.tiny_warmup_num_samples, seed=training_args.seed
+    )
+    sft = sft.map(lambda row: {"completion": row["answer"]}).select_columns(["prompt", "completion"])
+    return warm_up_cached(
+        training_args.output_dir,
+        sft,
+        model_kwargs={
+            "hidden_size": script_args.tiny_hidden_size,
+            "num_hidden_layers": script_args.tiny_num_layers,
+            "seed": training_args.seed,
+        },
+        max_steps=script_args.tiny_warmup_steps,
+        learning_rate=script_args.tiny_warmup_learning_rate,
+        seed=training_args.seed,
+    )
+
+
+def load_model_and_tokenizer(model_args: ModelConfig, training_args: BandGRPOConfig):
+    """The policy and its tokenizer from `model_args.model_name_or_path` (a Hub id or a local directory)."""
+    quantization_config = get_quantization_config(model_args)
+    dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
+    model = AutoModelForCausalLM.from_pretrained(
+        model_args.model_name_or_path,
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        dtype=dtype,
+        attn_implementation=model_args.attn_implementation,
+        # The KV cache is useless when activations are recomputed for the backward pass.
+        use_cache=not training_args.gradient_checkpointing,
+        # Quantized weights must be placed at load time, each process on its own device.
+        device_map={"": PartialState().local_process_index} if quantization_config is not None else None,
+        quantization_config=quantization_config,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(
+        model_args.model_name_or_path,
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+        padding_side="left",
+    )
+    return model, tokenizer
+
+
+def train(script_args: ScriptArguments, training_args: BandGRPOConfig, model_args: ModelConfig):
+    """Build the model, data, rewards and trainer from the parsed arguments, train, save; return the trainer."""
+    from . import BandGRPOTrainer
+
+    if script_args.torch_num_threads:
+        torch.set_num_threads(script_args.torch_num_threads)
+    # Fail on a bad name now, not after a model download or the warm-up.
+    reward_funcs = get_reward_funcs(script_args.reward_funcs)
+    for name in [*script_args.dataset_names, *script_args.eval_benchmarks]:
+        if name not in available_datasets():
+            raise ValueError(f"Unknown dataset {name!r}. Known datasets: {', '.join(available_datasets())}")
+
+    if model_args.model_name_or_path == TINY_MODEL_NAME:
+        model_args.model_name_or_path = load_tiny(script_args, training_args)
+    model, tokenizer = load_model_and_tokenizer(model_args, training_args)
+
+    train_dataset = drop_long_prompts(
+        load_train_dataset(script_args, training_args.seed), tokenizer, script_args.max_prompt_length
+    )
+
+    callbacks = []
+    if script_args.eval_every_steps > 0 and script_args.eval_benchmarks:
+        from .evaluate import BenchmarkEvalCallback
+
+        callbacks.append(
+            BenchmarkEvalCallback(
+                benchmarks=script_args.eval_benchmarks,
+                every_n_steps=script_args.eval_every_steps,
+                k=script_args.eval_k,
+                num_problems=script_args.eval_num_problems,
+                max_new_tokens=training_args.max_completion_length,
+                temperature=training_args.temperature,
+                top_p=training_args.top_p,
+                seed=training_args.seed,
+            )
+        )
+
+    trainer = BandGRPOTrainer(
+        model=model,
+        reward_funcs=reward_funcs,
+        args=training_args,
+        train_dataset=train_dataset,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+        callbacks=callbacks or None,
+    )
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+
+    trainer.save_model(training_args.output_dir)  # model (or LoRA adapter) and tokenizer
+    trainer.save_state()  # trainer_state.json: the full log history
+    if trainer.accelerator.is_main_process:
+        rewards = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
+        if rewards:
+            head, tail = rewards[: max(1, len(rewards) // 5)], rewards[-max(1, len(rewards) // 5) :]
+            trainer.accelerator.print(
+                f"Mean reward: {sum(head) / len(head):.3f} over the first {len(head)} logged steps -> "
+                f"{sum(tail) / len(tail):.3f} over the last {len(tail)}."
+            )
+        trainer.accelerator.print(
+            f"Model, tokenizer and logs (trainer_state.json) saved to {os.path.abspath(training_args.output_dir)}"
+        )
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=",".join(script_args.dataset_names))
+    trainer.end()
+    return trainer
+
+
+def make_parser() -> TrlParser:
+    return TrlParser((ScriptArguments, BandGRPOConfig, ModelConfig))
+
+
+def main(argv: list[str] | None = None):
+    """`bandpo-train` / `python -m bandpo_trl.train`: parse `--config recipe.yaml` plus overrides and train."""
+    script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
+    return train(script_args, training_args, model_args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
