@@ -71,9 +71,13 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def sft_rows(num_samples=256, seed=0):
+    rows = load_named_dataset("toy_arithmetic", split="warmup", num_samples=num_samples, seed=seed)
+    return rows.map(lambda r: {"completion": r["answer"]}).select_columns(["prompt", "completion"])
+
+
 def test_warm_up_learns_and_is_cached(tmp_path, monkeypatch, tokenizer, one_thread):
-    rows = load_named_dataset("toy_arithmetic", split="warmup", num_samples=256, seed=0)
-    sft = rows.map(lambda r: {"completion": r["answer"]}).select_columns(["prompt", "completion"])
+    sft = sft_rows()
     kwargs = {"max_steps": 40, "learning_rate": 3e-3, "batch_size": 32}
     model_kwargs = {"hidden_size": 32, "num_hidden_layers": 1}
 
@@ -99,11 +103,13 @@ def test_warm_up_learns_and_is_cached(tmp_path, monkeypatch, tokenizer, one_thre
     warm = AutoModelForCausalLM.from_pretrained(path)
     assert answer_logprob(warm) > answer_logprob(fresh) + 3.0
 
-    # Same settings and data: reused without training again. Other settings: trained again.
+    # Same settings and the same rows (built again, as a rerun would): reused. Other settings or data: trained again.
     def fail(*args, **kwargs):
         raise AssertionError("warm-up should have been reused")
 
     monkeypatch.setattr(tiny, "warm_up", fail)
-    assert warm_up_cached(str(tmp_path), sft, model_kwargs=model_kwargs, **kwargs) == path
+    assert warm_up_cached(str(tmp_path), sft_rows(), model_kwargs=model_kwargs, **kwargs) == path
     with pytest.raises(AssertionError, match="reused"):
-        warm_up_cached(str(tmp_path), sft, model_kwargs=model_kwargs, **dict(kwargs, max_steps=41))
+        warm_up_cached(str(tmp_path), sft_rows(), model_kwargs=model_kwargs, **dict(kwargs, max_steps=41))
+    with pytest.raises(AssertionError, match="reused"):
+        warm_up_cached(str(tmp_path), sft_rows(seed=1), model_kwargs=model_kwargs, **kwargs)

@@ -24,6 +24,7 @@ import os
 import string
 
 import torch
+from accelerate import PartialState
 from datasets import Dataset
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoModelForCausalLM, LlamaConfig, PreTrainedModel, PreTrainedTokenizerFast
@@ -151,22 +152,26 @@ def warm_up_cached(output_dir: str, dataset: Dataset, model_kwargs: dict | None 
     """Build, warm up and save the tiny model and tokenizer to `output_dir/warmup`; return that path.
 
     A previous warm-up with the same settings and data is reused, so a rerun of `make train` skips it. The key
-    is a hash of `model_kwargs`, `warmup_kwargs` and the dataset's fingerprint.
+    is a hash of `model_kwargs`, `warmup_kwargs` and the dataset's rows.
     """
     model_kwargs = dict(model_kwargs or {})
     path = os.path.join(output_dir, WARMUP_DIRNAME)
     key = hashlib.sha256(
-        json.dumps([model_kwargs, warmup_kwargs, dataset._fingerprint], sort_keys=True, default=str).encode()
+        json.dumps([model_kwargs, warmup_kwargs, dataset.to_list()], sort_keys=True, default=str).encode()
     ).hexdigest()[:16]
     stamp = os.path.join(path, "warmup_key.txt")
     if os.path.isfile(stamp) and open(stamp).read().strip() == key:
         return path
 
+    # Under several processes every one trains (the trainer's collectives need them all) and the main one saves.
+    state = PartialState()
     tokenizer = build_tiny_tokenizer()
     model = build_tiny_model(tokenizer, **model_kwargs)
     model = warm_up(model, tokenizer, dataset, output_dir=path, **warmup_kwargs)
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    with open(stamp, "w") as f:
-        f.write(key + "\n")
+    if state.is_main_process:
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+        with open(stamp, "w") as f:
+            f.write(key + "\n")
+    state.wait_for_everyone()
     return path
