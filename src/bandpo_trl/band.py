@@ -57,12 +57,16 @@ class Divergence:
             solver :func:`solve_band` is used.
         lower_limit_at_one: optional ``delta -> lim_{p -> 1} l(p)``, used for tokens with ``p > 1 - 1e-6``.
             Without it the limit is estimated once per ``delta`` from the raw bounds at ``p = 1 - 1e-12``.
+        uses_complement: whether ``raw_bounds`` reads ``q``; when False it receives ``q=None`` (one pass less).
+
+    ``raw_bounds`` must return new tensors: :func:`band_bounds` clamps them in place.
     """
 
     name: str
     f: Callable[[torch.Tensor], torch.Tensor]
     raw_bounds: RawBounds | None = None
     lower_limit_at_one: Callable[[float], float] | None = None
+    uses_complement: bool = True
 
     def bounds(self, p: torch.Tensor, q: torch.Tensor, delta: float) -> tuple[torch.Tensor, torch.Tensor]:
         if self.raw_bounds is not None:
@@ -79,6 +83,7 @@ def register_divergence(
     raw_bounds: RawBounds | None = None,
     lower_limit_at_one: Callable[[float], float] | None = None,
     *,
+    uses_complement: bool = True,
     overwrite: bool = False,
 ) -> Divergence:
     """Register an f-divergence under ``name``; only its generator ``f`` is required.
@@ -93,7 +98,7 @@ def register_divergence(
         raise ValueError(f"divergence {name!r} is already registered; pass overwrite=True to replace it")
     if not callable(f):
         raise ValueError(f"f must be a callable mapping a ratio tensor to f(ratio), got {f!r}")
-    divergence = Divergence(name, f, raw_bounds, lower_limit_at_one)
+    divergence = Divergence(name, f, raw_bounds, lower_limit_at_one, uses_complement or raw_bounds is None)
     _REGISTRY[name] = divergence
     return divergence
 
@@ -132,7 +137,11 @@ def _log_floor(dtype: torch.dtype) -> float:
 
 
 def solve_band(
-    f: Callable[[torch.Tensor], torch.Tensor], p: torch.Tensor, q: torch.Tensor, delta: float, iterations: int | None = None
+    f: Callable[[torch.Tensor], torch.Tensor],
+    p: torch.Tensor,
+    q: torch.Tensor,
+    delta: float,
+    iterations: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Raw Band bounds for any convex generator ``f``, by bisection on ``log r`` with a fixed iteration count.
 
@@ -219,9 +228,9 @@ def _rkl_raw_bounds(p: torch.Tensor, q: torch.Tensor, delta: float) -> tuple[tor
     return r[0], _upper_from_mirror(p, q, r[1] - 1)
 
 
-def _tv_raw_bounds(p: torch.Tensor, q: torch.Tensor, delta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    step = torch.reciprocal(p).mul_(delta)
-    return torch.sub(1, step).clamp_(min=0), torch.minimum(step.add_(1), torch.reciprocal(p))
+def _tv_raw_bounds(p: torch.Tensor, q: None, delta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    # l = max(1 - delta/p, 0) and u = min(1 + delta/p, 1/p), written as max(p - delta, 0)/p and min(p + delta, 1)/p
+    return torch.sub(p, delta).clamp_(min=0).div_(p), torch.add(p, delta).clamp_(max=1).div_(p)
 
 
 def _chi2_raw_bounds(p: torch.Tensor, q: torch.Tensor, delta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -237,11 +246,11 @@ def _hellinger_raw_bounds(p: torch.Tensor, q: torch.Tensor, delta: float) -> tup
     return lower, upper
 
 
-register_divergence(
-    "kl", lambda u: u - 1 - torch.log(u), _kl_raw_bounds, lambda delta: math.exp(-delta)
-)
+register_divergence("kl", lambda u: u - 1 - torch.log(u), _kl_raw_bounds, lambda delta: math.exp(-delta))
 register_divergence("rkl", lambda u: torch.xlogy(u, u) - u + 1, _rkl_raw_bounds, lambda delta: 1.0)
-register_divergence("tv", lambda u: 0.5 * (u - 1).abs(), _tv_raw_bounds, lambda delta: max(1 - delta, 0.0))
+register_divergence(
+    "tv", lambda u: 0.5 * (u - 1).abs(), _tv_raw_bounds, lambda delta: max(1 - delta, 0.0), uses_complement=False
+)
 register_divergence("chi2", lambda u: (u - 1).square(), _chi2_raw_bounds, lambda delta: 1.0)
 register_divergence(
     "hellinger",
@@ -296,6 +305,11 @@ def _raw_log_range(work: torch.dtype, out: torch.dtype) -> tuple[float, float]:
     return math.log(p_floor), -torch.finfo(work).tiny
 
 
+def _probabilities(logp: torch.Tensor, spec: Divergence) -> tuple[torch.Tensor, torch.Tensor | None]:
+    # q = 1 - p from expm1: exact near p = 1, where 1 - exp(logp) would cancel.
+    return torch.exp(logp), torch.expm1(logp).neg_() if spec.uses_complement else None
+
+
 @functools.lru_cache(maxsize=256)
 def _lower_limit_at_one(divergence: Divergence, delta: float) -> float:
     if divergence.lower_limit_at_one is not None:
@@ -337,13 +351,13 @@ def band_bounds(
         if max_ratio is None:
             log_min, log_max = _raw_log_range(work, old_logps.dtype)
             logp = logp.clamp(log_min, log_max)
-            lower, upper = spec.bounds(torch.exp(logp), torch.expm1(logp).neg_(), delta)
+            lower, upper = spec.bounds(*_probabilities(logp, spec), delta)
         else:
             clamped = logp.clamp(_LOG_TAIL, _LOG_HEAD)
-            lower, upper = spec.bounds(torch.exp(clamped), torch.expm1(clamped).neg_(), delta)
+            lower, upper = spec.bounds(*_probabilities(clamped, spec), delta)
             tail, head = logp < _LOG_TAIL, logp > _LOG_HEAD
-            lower = lower.clamp(0, 1).masked_fill_(head, _lower_limit_at_one(spec, delta)).masked_fill_(tail, 0.0)
-            upper = upper.clamp(1, max_ratio).masked_fill_(tail, max_ratio).masked_fill_(head, 1.0)
+            lower.clamp_(0, 1).masked_fill_(head, _lower_limit_at_one(spec, delta)).masked_fill_(tail, 0.0)
+            upper.clamp_(1, max_ratio).masked_fill_(tail, max_ratio).masked_fill_(head, 1.0)
         return lower.to(old_logps.dtype), upper.to(old_logps.dtype)
 
 
