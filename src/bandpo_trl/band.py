@@ -239,10 +239,15 @@ def _chi2_raw_bounds(p: torch.Tensor, q: torch.Tensor, delta: float) -> tuple[to
 
 
 def _hellinger_raw_bounds(p: torch.Tensor, q: torch.Tensor, delta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    alpha = torch.atan2(torch.sqrt(p), torch.sqrt(q))  # asin(sqrt(p)), accurate also as p -> 1 (q is exact there)
-    phi = math.acos(max(1 - delta / 2, -1.0))
-    lower = torch.sin((alpha - phi).clamp(min=0)).square() / p
-    upper = torch.sin((alpha + phi).clamp(max=math.pi / 2)).square() / p
+    # With alpha = asin(sqrt(p)) and phi = acos(1 - delta/2): l = sin^2(max(alpha - phi, 0)) / p and
+    # u = sin^2(min(alpha + phi, pi/2)) / p. Expanding the sines (sin alpha = sqrt(p), cos alpha = sqrt(q)) needs
+    # no trigonometry per token and stays exact as p -> 1, where q is exact.
+    cos_phi = max(1 - delta / 2, -1.0)
+    sin_phi = math.sqrt(1 - cos_phi * cos_phi)
+    sqrt_p, sqrt_q = torch.sqrt(p), torch.sqrt(q)
+    lower = (sqrt_p * cos_phi).sub_(sqrt_q * sin_phi).clamp_(min=0).square_().div_(p)
+    # alpha + phi >= pi/2 exactly when sqrt(p) >= cos(phi): then u saturates at 1/p
+    upper = (sqrt_p * cos_phi).add_(sqrt_q.mul_(sin_phi)).square_().masked_fill_(sqrt_p >= cos_phi, 1.0).div_(p)
     return lower, upper
 
 
