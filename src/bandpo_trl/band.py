@@ -316,6 +316,16 @@ def _probabilities(logp: torch.Tensor, spec: Divergence) -> tuple[torch.Tensor, 
 
 
 @functools.lru_cache(maxsize=256)
+def _tail_given_by_clamp(divergence: Divergence, delta: float, max_ratio: float) -> bool:
+    """Whether tokens clamped up to p = 1e-6 already get the tail rule's (0, max_ratio) (true for the paper's
+    settings): then the tail needs no mask. Decided once per (divergence, delta, cap) from a float64 scalar on the
+    CPU, not from the data, so it costs no synchronisation."""
+    p = torch.tensor([EXTREME_P], dtype=torch.float64)
+    lower, upper = divergence.bounds(p, 1 - p if divergence.uses_complement else None, delta)
+    return bool(lower.item() == 0.0 and upper.item() >= 2 * max_ratio)
+
+
+@functools.lru_cache(maxsize=256)
 def _lower_limit_at_one(divergence: Divergence, delta: float) -> float:
     if divergence.lower_limit_at_one is not None:
         return float(divergence.lower_limit_at_one(delta))
@@ -360,9 +370,14 @@ def band_bounds(
         else:
             clamped = logp.clamp(_LOG_TAIL, _LOG_HEAD)
             lower, upper = spec.bounds(*_probabilities(clamped, spec), delta)
-            tail, head = logp < _LOG_TAIL, logp > _LOG_HEAD
-            lower.clamp_(0, 1).masked_fill_(head, _lower_limit_at_one(spec, delta)).masked_fill_(tail, 0.0)
-            upper.clamp_(1, max_ratio).masked_fill_(tail, max_ratio).masked_fill_(head, 1.0)
+            head = logp > _LOG_HEAD
+            lower.clamp_(0, 1).masked_fill_(head, _lower_limit_at_one(spec, delta))
+            upper.clamp_(1, max_ratio).masked_fill_(head, 1.0)
+            # (Under torch.compile the masks are always applied: they fuse into the kernel there.)
+            if torch.compiler.is_compiling() or not _tail_given_by_clamp(spec, delta, max_ratio):
+                tail = logp < _LOG_TAIL
+                lower.masked_fill_(tail, 0.0)
+                upper.masked_fill_(tail, max_ratio)
         return lower.to(old_logps.dtype), upper.to(old_logps.dtype)
 
 
