@@ -285,7 +285,7 @@ def _check_positive(name: str, value) -> float:
     return float(value)
 
 
-def _check_max_ratio(max_ratio) -> float | None:
+def _check_max_ratio(max_ratio, name: str = "max_ratio") -> float | None:
     if max_ratio is None:
         return None
     if (
@@ -294,7 +294,7 @@ def _check_max_ratio(max_ratio) -> float | None:
         or not math.isfinite(max_ratio)
         or max_ratio < 1
     ):
-        raise ValueError(f"max_ratio must be None (raw bounds) or a finite number >= 1, got {max_ratio!r}")
+        raise ValueError(f"{name} must be None (raw bounds) or a finite number >= 1, got {max_ratio!r}")
     return float(max_ratio)
 
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field, fields
 
 from trl import GRPOConfig
 
-from .band import available_divergences
+from .band import _check_max_ratio, _check_positive, available_divergences
 
 CLIP_RULES = ("band", "clip", "dcpo")
 # TRL loss types whose surrogate is the PPO ratio clip `clamp(r, 1 - eps_low, 1 + eps_high)`.
@@ -101,11 +100,6 @@ def band_option(args, name: str):
     return getattr(args, name, BAND_DEFAULTS[name])
 
 
-def _positive(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
 def validate_band_options(args) -> None:
     """Check the clipping options of `args` (a `BandGRPOConfig`) against each other and against TRL's options.
 
@@ -122,12 +116,8 @@ def validate_band_options(args) -> None:
             "(or register one with bandpo_trl.register_divergence before building the config)"
         )
     for name in ("band_delta", "dcpo_epsilon_low", "dcpo_epsilon_high"):
-        _positive(name, band_option(args, name))
-    max_ratio = band_option(args, "band_max_ratio")
-    if max_ratio is not None and (
-        isinstance(max_ratio, bool) or not isinstance(max_ratio, (int, float)) or not math.isfinite(max_ratio) or max_ratio < 1
-    ):
-        raise ValueError(f"band_max_ratio must be None or a finite number >= 1, got {max_ratio!r}")
+        _check_positive(name, band_option(args, name))
+    _check_max_ratio(band_option(args, "band_max_ratio"), "band_max_ratio")
     if rule == "clip":
         return  # TRL's own clip: every TRL option stays available
 
