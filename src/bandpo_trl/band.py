@@ -5,10 +5,10 @@ For a sampled token whose old probability is ``p``, the Band interval ``[l, u]``
 
     g(p, r) = p f(r) + (1 - p) f((1 - p r) / (1 - p)) <= delta,    r in [0, 1/p].
 
-Every divergence is a small registry entry (``f`` plus, optionally, a function returning the raw bounds in
-closed form or with a dedicated solver); any other convex ``f`` goes through :func:`solve_band`, a bracketed
-bisection. All functions here are pure tensor code with a fixed amount of work: no ``.item()``, no
-data-dependent loop, so they run inside CUDA graphs and ``torch.compile``.
+Every divergence is a small registry entry (``f`` plus, optionally, its bounds in closed form or from a dedicated
+solver); any other convex ``f`` goes through :func:`solve_band`, a bracketed bisection. All functions here are pure
+tensor code with a fixed amount of work: no ``.item()``, no data-dependent loop, so they run inside CUDA graphs and
+``torch.compile``.
 
 Example:
     >>> import torch
@@ -26,6 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 __all__ = [
     "Divergence",
@@ -43,6 +44,7 @@ _LOG_TAIL = math.log(EXTREME_P)
 _LOG_HEAD = math.log1p(-EXTREME_P)
 
 RawBounds = Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
+OddsBounds = Callable[[torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass(frozen=True)
@@ -53,22 +55,27 @@ class Divergence:
         name: registry key.
         f: the generator, a convex torch function on ratios ``u >= 0`` with ``f(1) = 0``.
         raw_bounds: optional ``(p, q, delta) -> (lower, upper)`` giving the raw interval, with ``q = 1 - p``
-            passed separately because it is computed accurately from the log-probability. Without it the generic
-            solver :func:`solve_band` is used.
+            passed separately because it is computed accurately from the log-probability. Without it (and without
+            ``odds_bounds``) the generic solver :func:`solve_band` is used.
         lower_limit_at_one: optional ``delta -> lim_{p -> 1} l(p)``, used for tokens with ``p > 1 - 1e-6``.
             Without it the limit is estimated once per ``delta`` from the raw bounds at ``p = 1 - 1e-12``.
-        uses_complement: whether ``raw_bounds`` reads ``q``; when False it receives ``q=None`` (one pass less).
+        odds_bounds: optional closed form ``(t, delta) -> (lower, upper)`` in the odds ``t = (1 - p) / p`` (so
+            ``1/p = 1 + t``), for finite ``t >= 0``; an alternative to ``raw_bounds`` and ``lower_limit_at_one``. It
+            must be continuous at ``t = 0``, whose value is then the ``p -> 1`` limit. It is the fast path: one
+            transcendental pass for ``t`` and no masks for the rules of BANDPO.md section 3.
 
-    ``raw_bounds`` must return new tensors: :func:`band_bounds` clamps them in place.
+    ``raw_bounds`` and ``odds_bounds`` must return new tensors: :func:`band_bounds` clamps them in place.
     """
 
     name: str
     f: Callable[[torch.Tensor], torch.Tensor]
     raw_bounds: RawBounds | None = None
     lower_limit_at_one: Callable[[float], float] | None = None
-    uses_complement: bool = True
+    odds_bounds: OddsBounds | None = None
 
     def bounds(self, p: torch.Tensor, q: torch.Tensor, delta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.odds_bounds is not None:
+            return self.odds_bounds(q / p, delta)
         if self.raw_bounds is not None:
             return self.raw_bounds(p, q, delta)
         return solve_band(self.f, p, q, delta)
@@ -83,7 +90,7 @@ def register_divergence(
     raw_bounds: RawBounds | None = None,
     lower_limit_at_one: Callable[[float], float] | None = None,
     *,
-    uses_complement: bool = True,
+    odds_bounds: OddsBounds | None = None,
     overwrite: bool = False,
 ) -> Divergence:
     """Register an f-divergence under ``name``; only its generator ``f`` is required.
@@ -98,7 +105,12 @@ def register_divergence(
         raise ValueError(f"divergence {name!r} is already registered; pass overwrite=True to replace it")
     if not callable(f):
         raise ValueError(f"f must be a callable mapping a ratio tensor to f(ratio), got {f!r}")
-    divergence = Divergence(name, f, raw_bounds, lower_limit_at_one, uses_complement or raw_bounds is None)
+    if odds_bounds is not None and (raw_bounds is not None or lower_limit_at_one is not None):
+        raise ValueError(
+            f"divergence {name!r}: give either raw_bounds (with an optional lower_limit_at_one) or odds_bounds, "
+            "not both (odds_bounds at t = 0 already is the p -> 1 limit)"
+        )
+    divergence = Divergence(name, f, raw_bounds, lower_limit_at_one, odds_bounds)
     _REGISTRY[name] = divergence
     return divergence
 
@@ -208,7 +220,8 @@ def _rkl_raw_bounds(p: torch.Tensor, q: torch.Tensor, delta: float) -> tuple[tor
 
     g(r) = KL(r p || p) is convex and decreasing on (0, 1]; the start is the smaller of the small-delta estimate
     and the chord bound 1 - delta / g(0), both right of the root, so the first step lands left of it and later
-    ones climb to it monotonically.
+    ones climb to it monotonically. The last step is applied to r for l, but to r - 1 for u: the mirror
+    u = 1 - (q/p)(l(q) - 1) needs l(q) - 1 to relative precision, which r itself, near 1, only holds absolutely.
     """
     both_p = torch.stack([p, q])
     both_q = torch.stack([q, p])
@@ -216,53 +229,59 @@ def _rkl_raw_bounds(p: torch.Tensor, q: torch.Tensor, delta: float) -> tuple[tor
     r_min = (1 - math.sqrt(delta / 2) / both_p).clamp_(min=torch.finfo(p.dtype).tiny)
     r = torch.minimum(torch.div(both_q, both_p).mul_(2 * delta).sqrt_().neg_().add_(1), 1 - delta / g0)
     torch.maximum(r, r_min, out=r)
-    for _ in range(7 if p.dtype == torch.float64 else 6):
-        # (1 - x) / q = 1 + p (1 - r) / q: log1p keeps float32 accurate near saturation
-        log_rest = torch.sub(1, r).mul_(both_p).div_(both_q).log1p_()
-        x = torch.mul(both_p, r)
-        excess = torch.xlogy(x, r).add_(x.neg_().add_(1).mul_(log_rest)).sub_(delta)
-        slope = torch.log(r).sub_(log_rest).mul_(both_p)
-        r.sub_(excess.div_(slope))
-        torch.maximum(r, r_min, out=r).clamp_(max=1)
-    r = torch.where(g0 <= delta, 0.0, r)  # saturated: even r = 0 is inside the region
-    return r[0], _upper_from_mirror(p, q, r[1] - 1)
+    steps = 7 if p.dtype == torch.float64 else 6
+    for step_index in range(steps):
+        one_minus_r = torch.sub(1, r)  # exact for r >= 1/2 (Sterbenz), so 1 - r + correction keeps u - 1 accurate
+        p_gap = torch.mul(one_minus_r, both_p)
+        log_rest = torch.div(p_gap, both_q).log1p_()  # log((1 - p r) / q) = log1p(p (1 - r) / q)
+        log_r = torch.log(r)  # r >= r_min > 0
+        # g(r) - delta = p r log r + (1 - p r) log_rest - delta, with 1 - p r = q + p (1 - r) kept exact near p r = 1
+        excess = torch.mul(both_p, r).mul_(log_r).add_(p_gap.add_(both_q).mul_(log_rest)).sub_(delta)
+        step = excess.div_(log_r.sub_(log_rest).mul_(both_p))  # slope g'(r) = p (log r - log_rest)
+        if step_index < steps - 1:
+            r.sub_(step)
+            torch.maximum(r, r_min, out=r).clamp_(max=1)
+    saturated = g0 <= delta  # even r = 0 is inside the region
+    lower = torch.maximum(r[0].sub_(step[0]), r_min[0]).clamp_(max=1).masked_fill_(saturated[0], 0.0)
+    lower_of_q_minus_one = torch.maximum(one_minus_r[1].add_(step[1]).neg_(), r_min[1] - 1).clamp_(max=0)
+    return lower, _upper_from_mirror(p, q, lower_of_q_minus_one.masked_fill_(saturated[1], -1.0))
 
 
-def _tv_raw_bounds(p: torch.Tensor, q: None, delta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    # l = max(1 - delta/p, 0) and u = min(1 + delta/p, 1/p), written as max(p - delta, 0)/p and min(p + delta, 1)/p
-    return torch.sub(p, delta).clamp_(min=0).div_(p), torch.add(p, delta).clamp_(max=1).div_(p)
+# Closed forms in the odds t = (1 - p) / p = 1/p - 1: at t = 0 (p = 1) they give the p -> 1 limits exactly.
 
 
-def _chi2_raw_bounds(p: torch.Tensor, q: torch.Tensor, delta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    step = torch.div(q, p).mul_(delta).sqrt_()
-    return torch.sub(1, step).clamp_(min=0), torch.minimum(step.add_(1), torch.reciprocal(p))
+def _tv_odds_bounds(t: torch.Tensor, delta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    # l = max(1 - delta/p, 0) and u = min(1 + delta/p, 1/p), with delta/p = delta (1 + t)
+    step = torch.add(t, 1).mul_(delta)
+    return torch.sub(1, step).relu_(), torch.minimum(step, t).add_(1)
 
 
-def _hellinger_raw_bounds(p: torch.Tensor, q: torch.Tensor, delta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    # With alpha = asin(sqrt(p)) and phi = acos(1 - delta/2): l = sin^2(max(alpha - phi, 0)) / p and
-    # u = sin^2(min(alpha + phi, pi/2)) / p. Expanding the sines (sin alpha = sqrt(p), cos alpha = sqrt(q)) needs
-    # no trigonometry per token and stays exact as p -> 1, where q is exact.
+def _chi2_odds_bounds(t: torch.Tensor, delta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    # l = max(1 - sqrt(delta q/p), 0) and u = min(1 + sqrt(delta q/p), 1/p), with q/p = t
+    step = torch.mul(t, delta).sqrt_()
+    return torch.sub(1, step).relu_(), torch.minimum(step, t).add_(1)
+
+
+def _hellinger_odds_bounds(t: torch.Tensor, delta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    # With alpha = asin(sqrt(p)), phi = acos(1 - delta/2) and w = sqrt(t) = cot(alpha), dividing by sin^2(alpha) = p:
+    #   l = sin^2(max(alpha - phi, 0)) / p = max(cos phi - w sin phi, 0)^2
+    #   u = sin^2(min(alpha + phi, pi/2)) / p = (cos phi + w sin phi)^2 + max(sin phi - w cos phi, 0)^2,
+    # where the second term, cos^2(alpha + phi) / p while alpha + phi > pi/2, makes u = 1/p there without a mask.
+    # The min with 1/p = 1 + t undoes rounding above it (cos^2 + sin^2 may round to 1 + ulp): u = 1 exactly at t = 0.
     cos_phi = max(1 - delta / 2, -1.0)
     sin_phi = math.sqrt(1 - cos_phi * cos_phi)
-    sqrt_p, sqrt_q = torch.sqrt(p), torch.sqrt(q)
-    lower = (sqrt_p * cos_phi).sub_(sqrt_q * sin_phi).clamp_(min=0).square_().div_(p)
-    # alpha + phi >= pi/2 exactly when sqrt(p) >= cos(phi): then u saturates at 1/p
-    upper = (sqrt_p * cos_phi).add_(sqrt_q.mul_(sin_phi)).square_().masked_fill_(sqrt_p >= cos_phi, 1.0).div_(p)
-    return lower, upper
+    w = torch.sqrt(t)
+    lower = torch.mul(w, -sin_phi).add_(cos_phi).relu_().square_()
+    upper = torch.mul(w, sin_phi).add_(cos_phi).square_()
+    upper.add_(w.mul_(-cos_phi).add_(sin_phi).relu_().square_())
+    return lower, torch.minimum(upper, torch.add(t, 1), out=upper)
 
 
 register_divergence("kl", lambda u: u - 1 - torch.log(u), _kl_raw_bounds, lambda delta: math.exp(-delta))
 register_divergence("rkl", lambda u: torch.xlogy(u, u) - u + 1, _rkl_raw_bounds, lambda delta: 1.0)
-register_divergence(
-    "tv", lambda u: 0.5 * (u - 1).abs(), _tv_raw_bounds, lambda delta: max(1 - delta, 0.0), uses_complement=False
-)
-register_divergence("chi2", lambda u: (u - 1).square(), _chi2_raw_bounds, lambda delta: 1.0)
-register_divergence(
-    "hellinger",
-    lambda u: (torch.sqrt(u) - 1).square(),
-    _hellinger_raw_bounds,
-    lambda delta: max(1 - delta / 2, 0.0) ** 2,
-)
+register_divergence("tv", lambda u: 0.5 * (u - 1).abs(), odds_bounds=_tv_odds_bounds)
+register_divergence("chi2", lambda u: (u - 1).square(), odds_bounds=_chi2_odds_bounds)
+register_divergence("hellinger", lambda u: (torch.sqrt(u) - 1).square(), odds_bounds=_hellinger_odds_bounds)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -310,9 +329,30 @@ def _raw_log_range(work: torch.dtype, out: torch.dtype) -> tuple[float, float]:
     return math.log(p_floor), -torch.finfo(work).tiny
 
 
-def _probabilities(logp: torch.Tensor, spec: Divergence) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _probabilities(logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     # q = 1 - p from expm1: exact near p = 1, where 1 - exp(logp) would cancel.
-    return torch.exp(logp), torch.expm1(logp).neg_() if spec.uses_complement else None
+    return torch.exp(logp), torch.expm1(logp).neg_()
+
+
+@functools.lru_cache(maxsize=8)
+def _head_threshold(dtype: torch.dtype) -> float:
+    """The largest -log p of the head rule's tokens (log p > log(1 - 1e-6), compared in ``dtype``), for
+    ``F.threshold``, which replaces values ``<=`` its threshold."""
+    head = torch.tensor(-_LOG_HEAD, dtype=dtype)
+    return torch.nextafter(head, torch.tensor(-math.inf, dtype=dtype)).item()
+
+
+def _odds(logp: torch.Tensor, capped: bool, out_dtype: torch.dtype) -> torch.Tensor:
+    """t = (1 - p) / p = expm1(-log p). Capped: p < 1e-6 is evaluated at 1e-6 (the tail rule where
+    _tail_given_by_clamp holds) and p > 1 - 1e-6 at p = 1 (t = 0, the head rule's limits for an odds closed form):
+    a clamp and a threshold instead of masks, which cost a pass each and are slow on CPUs."""
+    surprisal = torch.neg(logp)
+    if capped:
+        F.threshold_(surprisal.clamp_(max=-_LOG_TAIL), _head_threshold(logp.dtype), 0.0)
+    else:
+        log_min, log_max = _raw_log_range(logp.dtype, out_dtype)
+        surprisal.clamp_(-log_max, -log_min)
+    return surprisal.expm1_()
 
 
 @functools.lru_cache(maxsize=256)
@@ -321,7 +361,7 @@ def _tail_given_by_clamp(divergence: Divergence, delta: float, max_ratio: float)
     settings): then the tail needs no mask. Decided once per (divergence, delta, cap) from a float64 scalar on the
     CPU, not from the data, so it costs no synchronisation."""
     p = torch.tensor([EXTREME_P], dtype=torch.float64)
-    lower, upper = divergence.bounds(p, 1 - p if divergence.uses_complement else None, delta)
+    lower, upper = divergence.bounds(p, 1 - p, delta)
     return bool(lower.item() == 0.0 and upper.item() >= 2 * max_ratio)
 
 
@@ -329,8 +369,11 @@ def _tail_given_by_clamp(divergence: Divergence, delta: float, max_ratio: float)
 def _lower_limit_at_one(divergence: Divergence, delta: float) -> float:
     if divergence.lower_limit_at_one is not None:
         return float(divergence.lower_limit_at_one(delta))
-    q = torch.tensor([1e-12], dtype=torch.float64)
-    lower, _ = divergence.bounds(1 - q, q, delta)
+    if divergence.odds_bounds is not None:
+        lower, _ = divergence.odds_bounds(torch.zeros(1, dtype=torch.float64), delta)
+    else:
+        q = torch.tensor([1e-12], dtype=torch.float64)
+        lower, _ = divergence.bounds(1 - q, q, delta)
     return float(lower.clamp(0, 1))
 
 
@@ -363,16 +406,19 @@ def band_bounds(
     work = _work_dtype(old_logps.dtype)
     with torch.no_grad():
         logp = old_logps.detach().to(work)
-        if max_ratio is None:
+        if spec.odds_bounds is not None:
+            lower, upper = spec.odds_bounds(_odds(logp, max_ratio is not None, old_logps.dtype), delta)
+        elif max_ratio is None:
             log_min, log_max = _raw_log_range(work, old_logps.dtype)
-            logp = logp.clamp(log_min, log_max)
-            lower, upper = spec.bounds(*_probabilities(logp, spec), delta)
+            lower, upper = spec.bounds(*_probabilities(logp.clamp(log_min, log_max)), delta)
         else:
-            clamped = logp.clamp(_LOG_TAIL, _LOG_HEAD)
-            lower, upper = spec.bounds(*_probabilities(clamped, spec), delta)
+            lower, upper = spec.bounds(*_probabilities(logp.clamp(_LOG_TAIL, _LOG_HEAD)), delta)
             head = logp > _LOG_HEAD
-            lower.clamp_(0, 1).masked_fill_(head, _lower_limit_at_one(spec, delta))
-            upper.clamp_(1, max_ratio).masked_fill_(head, 1.0)
+            lower.masked_fill_(head, _lower_limit_at_one(spec, delta))
+            upper.masked_fill_(head, 1.0)
+        if max_ratio is not None:
+            lower.clamp_(0, 1)
+            upper.clamp_(1, max_ratio)
             # (Under torch.compile the masks are always applied: they fuse into the kernel there.)
             if torch.compiler.is_compiling() or not _tail_given_by_clamp(spec, delta, max_ratio):
                 tail = logp < _LOG_TAIL
