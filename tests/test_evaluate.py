@@ -586,6 +586,33 @@ def test_callback_logs_benchmark_metrics_during_training(oracle_model_dir, tmp_p
     assert [h["step"] for h in callback.history] == [2, 4]
 
 
+def test_callback_progress_bar_follows_disable_tqdm(tiny_model_dir, capfd):
+    """The sampling bar shows unless the trainer's `disable_tqdm` (or the callback's own `show_progress`) hides it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerControl, TrainerState, TrainingArguments
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    state = TrainerState()
+    state.global_step = 1
+
+    def bar_shown(callback, disable_tqdm):
+        args = TrainingArguments(output_dir=str(tiny_model_dir), disable_tqdm=disable_tqdm, report_to="none")
+        capfd.readouterr()
+        callback._last_step = -1
+        callback.on_step_end(args, state, TrainerControl(), model=model, processing_class=tokenizer)
+        return "sample" in capfd.readouterr().err
+
+    def make(**kwargs):
+        return BenchmarkEvalCallback(
+            ["toy_arithmetic"], 1, k=1, num_problems=1, max_new_tokens=2, save_results=False, **kwargs
+        )
+
+    assert bar_shown(make(), disable_tqdm=False)
+    assert not bar_shown(make(), disable_tqdm=True)
+    assert not bar_shown(make(show_progress=False), disable_tqdm=False)
+    assert bar_shown(make(show_progress=True), disable_tqdm=True)
+
+
 def test_callback_leaves_the_training_rng_alone_and_can_be_disabled(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerControl, TrainerState
 

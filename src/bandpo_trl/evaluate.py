@@ -1023,6 +1023,8 @@ class BenchmarkEvalCallback(TrainerCallback):
             (`<output_dir>/step-<N>/<benchmark>.jsonl`). Default: `<trainer output_dir>/benchmark_eval`.
         save_results (`bool`): write those files at all.
         datasets (`dict[str, Dataset]`, *optional*): datasets to use instead of `load_named_dataset(name)`.
+        show_progress (`bool`, *optional*): show a sampling progress bar on the main process. Default: follow the
+            trainer's `disable_tqdm` (and show it when `evaluate` is called directly).
 
     Example:
     ```python
@@ -1050,6 +1052,7 @@ class BenchmarkEvalCallback(TrainerCallback):
         output_dir: str | None = None,
         save_results: bool = True,
         datasets: dict[str, Any] | None = None,
+        show_progress: bool | None = None,
     ):
         if isinstance(benchmarks, str):
             benchmarks = [benchmarks]
@@ -1072,6 +1075,7 @@ class BenchmarkEvalCallback(TrainerCallback):
         self.output_dir = output_dir
         self.save_results = save_results
         self._datasets = dict(datasets or {})
+        self.show_progress = show_progress
         self._pending: dict[str, float] = {}
         self._last_step = -1
         self.history: list[dict[str, Any]] = []  # (step, metrics) of every evaluation, for programmatic use
@@ -1096,8 +1100,17 @@ class BenchmarkEvalCallback(TrainerCallback):
             dataset = dataset.select(range(self.num_problems))
         return dataset
 
-    def evaluate(self, model, tokenizer, step: int | None = None, output_dir: str | None = None) -> dict[str, float]:
+    def evaluate(
+        self,
+        model,
+        tokenizer,
+        step: int | None = None,
+        output_dir: str | None = None,
+        show_progress: bool | None = None,
+    ) -> dict[str, float]:
         """Run the evaluation now with `model` and `tokenizer`; return the flat `eval/...` metrics."""
+        if show_progress is None:
+            show_progress = True if self.show_progress is None else self.show_progress
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         world = torch.distributed.get_world_size() if distributed else 1
         rank = torch.distributed.get_rank() if distributed else 0
@@ -1111,7 +1124,7 @@ class BenchmarkEvalCallback(TrainerCallback):
             max_new_tokens=self.max_new_tokens,
             batch_size=self.batch_size,
             synced_gpus=world > 1,
-            show_progress=rank == 0,
+            show_progress=show_progress and rank == 0,
         )
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
         metrics: dict[str, float] = {}
@@ -1164,7 +1177,8 @@ class BenchmarkEvalCallback(TrainerCallback):
         root = self.output_dir or os.path.join(args.output_dir, "benchmark_eval")
         out = os.path.join(root, f"step-{step}")
         start = time.perf_counter()
-        metrics = self.evaluate(model, processing_class, step=step, output_dir=out)
+        show_progress = not args.disable_tqdm if self.show_progress is None else self.show_progress
+        metrics = self.evaluate(model, processing_class, step=step, output_dir=out, show_progress=show_progress)
         metrics["eval/benchmark_runtime_s"] = round(time.perf_counter() - start, 3)
         self._pending.update(metrics)
         control.should_log = True  # the metrics join the log entry of this step
