@@ -369,11 +369,9 @@ def _tail_given_by_clamp(divergence: Divergence, delta: float, max_ratio: float)
 def _lower_limit_at_one(divergence: Divergence, delta: float) -> float:
     if divergence.lower_limit_at_one is not None:
         return float(divergence.lower_limit_at_one(delta))
-    if divergence.odds_bounds is not None:
-        lower, _ = divergence.odds_bounds(torch.zeros(1, dtype=torch.float64), delta)
-    else:
-        q = torch.tensor([1e-12], dtype=torch.float64)
-        lower, _ = divergence.bounds(1 - q, q, delta)
+    # (Only the mask path asks: an odds closed form gets its limit from t = 0 directly.)
+    q = torch.tensor([1e-12], dtype=torch.float64)
+    lower, _ = divergence.bounds(1 - q, q, delta)
     return float(lower.clamp(0, 1))
 
 
