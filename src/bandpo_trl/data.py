@@ -220,10 +220,14 @@ def load_named_dataset(name: str, split: str | None = None, num_samples: int | N
         seed: seed of the subset (and of the toy generator).
 
     Raises:
-        ValueError: unknown `name`; the message lists the known ones.
+        ValueError: unknown `name` (the message lists the known ones), `num_samples` <= 0, or rows whose prompt is
+            empty (the message counts them and names the first few).
     """
+    if num_samples is not None and num_samples <= 0:
+        raise ValueError(f"num_samples must be a positive number of rows, got {num_samples} (None keeps every row)")
     if name == "toy_arithmetic":
-        return generate_toy_arithmetic(num_samples or TOY_DEFAULT_SIZE, seed=seed, split=split or "train")
+        num_samples = TOY_DEFAULT_SIZE if num_samples is None else num_samples
+        return generate_toy_arithmetic(num_samples, seed=seed, split=split or "train")
     if name not in DATASET_SOURCES:
         raise ValueError(f"Unknown dataset {name!r}. Known datasets: {', '.join(available_datasets())}")
     source = DATASET_SOURCES[name]
@@ -232,4 +236,32 @@ def load_named_dataset(name: str, split: str | None = None, num_samples: int | N
         dataset = dataset.filter(source.keep_row)
     if num_samples is not None and num_samples < len(dataset):
         dataset = dataset.shuffle(seed=seed).select(range(num_samples))
-    return dataset.map(source.map_row, remove_columns=dataset.column_names)
+    dataset = dataset.map(source.map_row, remove_columns=dataset.column_names)
+    check_no_empty_prompts(dataset, name)
+    return dataset
+
+
+def _prompt_is_empty(prompt) -> bool:
+    if isinstance(prompt, str):
+        return not prompt.strip()
+    # Conversational: empty when no message has content, or when it is the paper's template around no problem.
+    return prompt == _EMPTY_MATH_PROMPT or not any(str(message.get("content") or "").strip() for message in prompt)
+
+
+_EMPTY_MATH_PROMPT = math_prompt("")
+
+
+def check_no_empty_prompts(dataset: Dataset, name: str = "dataset") -> None:
+    """Refuse a dataset with empty prompts (or the math template around an empty problem), naming the rows.
+
+    TRL would otherwise fail deep inside generation with a tensor dtype error on the empty prompt.
+    """
+    empty = [i for i, prompt in enumerate(dataset["prompt"]) if _prompt_is_empty(prompt)]
+    if empty:
+        shown = ", ".join(str(i) for i in empty[:10]) + (", ..." if len(empty) > 10 else "")
+        ids = dataset.select(empty[:3])["problem_id"] if "problem_id" in dataset.column_names else []
+        raise ValueError(
+            f"{name}: {len(empty)} of {len(dataset)} rows have an empty prompt (rows {shown}"
+            + (f"; problem ids {', '.join(ids)}" if ids else "")
+            + "). Remove them from the data before training."
+        )

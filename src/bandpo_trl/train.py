@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +31,7 @@ from datasets import Dataset, concatenate_datasets
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
+from .checkpoints import resolve_resume_checkpoint
 from .config import BandGRPOConfig
 from .data import available_datasets, load_named_dataset
 from .rewards import available_rewards, get_reward_funcs
@@ -111,6 +113,29 @@ class ScriptArguments:
         default=32, metadata={"help": "Problems per benchmark of the in-training evaluation (None: all)."}
     )
 
+    def __post_init__(self):
+        # A YAML scalar where a list is expected (`reward_funcs: toy_accuracy`) means a one-element list, not its
+        # characters.
+        for name in ("dataset_names", "reward_funcs", "eval_benchmarks"):
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [getattr(self, name)])
+        if self.dataset_num_samples is not None and self.dataset_num_samples <= 0:
+            raise ValueError(
+                f"dataset_num_samples must be a positive number of rows per dataset, got {self.dataset_num_samples}; "
+                "leave it unset to use every row (toy_arithmetic: 4096)"
+            )
+        if self.max_prompt_length is not None and self.max_prompt_length <= 0:
+            raise ValueError(f"max_prompt_length must be a positive number of tokens, got {self.max_prompt_length}")
+        if self.eval_every_steps < 0:
+            raise ValueError(f"eval_every_steps must be >= 0 (0 disables evaluation), got {self.eval_every_steps}")
+        if self.eval_benchmarks and self.eval_every_steps == 0:
+            warnings.warn(
+                f"eval_benchmarks={self.eval_benchmarks} is set but eval_every_steps=0, so no benchmark will be "
+                "evaluated during training; set eval_every_steps > 0 (e.g. 50) to evaluate every that many steps.",
+                UserWarning,
+                stacklevel=3,
+            )
+
 
 def load_train_dataset(script_args: ScriptArguments, seed: int) -> Dataset:
     """The named training datasets, mapped to (prompt, answer, problem_id), concatenated and shuffled."""
@@ -124,21 +149,54 @@ def load_train_dataset(script_args: ScriptArguments, seed: int) -> Dataset:
     return dataset.shuffle(seed=seed)
 
 
-def drop_long_prompts(dataset: Dataset, tokenizer, max_prompt_length: int | None) -> Dataset:
-    """Remove rows whose prompt, as the trainer will tokenize it, exceeds `max_prompt_length` tokens."""
-    if max_prompt_length is None:
-        return dataset
+def prompt_lengths(dataset: Dataset, tokenizer) -> list[int]:
+    """Each row's prompt length in tokens, as the trainer will tokenize it (chat template applied)."""
 
-    def prompt_length(row) -> int:
-        prompt = row["prompt"]
+    def length(prompt) -> int:
         if isinstance(prompt, str):
             return len(tokenizer(prompt)["input_ids"])
         return len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
 
-    kept = dataset.filter(lambda row: prompt_length(row) <= max_prompt_length)
+    return [length(prompt) for prompt in dataset["prompt"]]
+
+
+def drop_long_prompts(dataset: Dataset, tokenizer, max_prompt_length: int | None) -> Dataset:
+    """Remove rows whose prompt, as the trainer will tokenize it, exceeds `max_prompt_length` tokens.
+
+    Raises:
+        ValueError: every prompt is longer than `max_prompt_length` (the message gives the shortest length).
+    """
+    if max_prompt_length is None:
+        return dataset
+    lengths = prompt_lengths(dataset, tokenizer)
+    kept = dataset.select([i for i, n in enumerate(lengths) if n <= max_prompt_length])
+    if len(dataset) and not len(kept):
+        raise ValueError(
+            f"No training prompts left: all {len(dataset)} loaded prompts are longer than max_prompt_length="
+            f"{max_prompt_length} tokens (the shortest has {min(lengths)}). Raise max_prompt_length."
+        )
     if len(kept) < len(dataset):
-        logger.warning("Dropped %d prompts longer than %d tokens.", len(dataset) - len(kept), max_prompt_length)
+        logger.warning(
+            "Dropped %d of %d prompts longer than %d tokens.",
+            len(dataset) - len(kept),
+            len(dataset),
+            max_prompt_length,
+        )
     return kept
+
+
+def check_enough_prompts(dataset: Dataset, training_args: BandGRPOConfig) -> None:
+    """Refuse a training set smaller than one generation batch: TRL's sampler would yield no batch at all and the
+    run would "train" 0 steps and save the untouched model."""
+    needed = training_args.generation_batch_size // training_args.num_generations
+    if len(dataset) < needed:
+        raise ValueError(
+            f"The training set has {len(dataset)} prompts, fewer than one generation batch needs: "
+            f"per_device_train_batch_size ({training_args.per_device_train_batch_size}) x processes "
+            f"({training_args.world_size}) x steps_per_generation ({training_args.steps_per_generation}) = "
+            f"{training_args.generation_batch_size} completions / num_generations ({training_args.num_generations}) "
+            f"= {needed} distinct prompts. Use more data (dataset_num_samples, max_prompt_length) or a smaller batch."
+        )
 
 
 def load_tiny(script_args: ScriptArguments, training_args: BandGRPOConfig) -> str:
@@ -161,6 +219,9 @@ def load_tiny(script_args: ScriptArguments, training_args: BandGRPOConfig) -> st
         max_steps=script_args.tiny_warmup_steps,
         learning_rate=script_args.tiny_warmup_learning_rate,
         seed=training_args.seed,
+        # The same mixed precision as the RL trainer that follows in this process (accelerate allows only one).
+        bf16=training_args.bf16,
+        fp16=training_args.fp16,
     )
 
 
@@ -208,6 +269,8 @@ def train(script_args: ScriptArguments, training_args: BandGRPOConfig, model_arg
     train_dataset = drop_long_prompts(
         load_train_dataset(script_args, training_args.seed), tokenizer, script_args.max_prompt_length
     )
+    check_enough_prompts(train_dataset, training_args)
+    resume_from = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
 
     callbacks = []
     if script_args.eval_every_steps > 0 and script_args.eval_benchmarks:
@@ -235,7 +298,13 @@ def train(script_args: ScriptArguments, training_args: BandGRPOConfig, model_arg
         peft_config=get_peft_config(model_args),
         callbacks=callbacks or None,
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume_from)
+    if trainer.state.global_step == 0:
+        # Nothing was trained: saving the untouched model as this run's output would report a success.
+        raise RuntimeError(
+            f"Training ran 0 optimizer steps (max_steps={training_args.max_steps}, num_train_epochs="
+            f"{training_args.num_train_epochs}, {len(train_dataset)} prompts); nothing was saved."
+        )
 
     trainer.save_model(training_args.output_dir)  # model (or LoRA adapter) and tokenizer
     trainer.save_state()  # trainer_state.json: the full log history
@@ -260,11 +329,14 @@ def make_parser() -> TrlParser:
     return TrlParser((ScriptArguments, BandGRPOConfig, ModelConfig))
 
 
-def main(argv: list[str] | None = None):
-    """`bandpo-train` / `python -m bandpo_trl.train`: parse `--config recipe.yaml` plus overrides and train."""
+def main(argv: list[str] | None = None) -> int:
+    """`bandpo-train` / `python -m bandpo_trl.train`: parse `--config recipe.yaml` plus overrides and train.
+
+    Returns the exit status, 0 (every failure raises); `train` returns the trainer for programmatic use."""
     script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
-    return train(script_args, training_args, model_args)
+    train(script_args, training_args, model_args)
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))
