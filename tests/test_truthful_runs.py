@@ -168,7 +168,7 @@ def test_dataset_num_samples_zero_or_negative_is_refused(tmp_path):
 def test_yaml_scalar_where_a_list_is_expected_is_a_one_element_list(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("reward_funcs: toy_accuracy\ndataset_names: toy_arithmetic\noutput_dir: out\nuse_cpu: true\n")
-    script_args, _, _ = make_parser().parse_args_and_config(args=["--config", str(recipe)])
+    script_args, *_ = make_parser().parse_args_and_config(args=["--config", str(recipe)])
     assert script_args.reward_funcs == ["toy_accuracy"]
     assert script_args.dataset_names == ["toy_arithmetic"]
 
