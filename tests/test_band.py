@@ -745,16 +745,25 @@ def js_generator(u):
     [
         (lambda u: -(u - 1).square(), r"must be non-negative, got f\(0\) = -1"),
         (lambda u: torch.minimum((u - 1).abs(), torch.ones_like(u)), r"must be convex, but f\(\S+\) = \S+ lies above"),
-        (lambda u: torch.log(u) - u + 1, r"must be finite on \(0, inf\) \(only f\(0\) may be \+inf\), got f\(0\) = -inf"),
+        (
+            lambda u: torch.log(u) - u + 1,
+            r"must be finite on \(0, inf\) \(only f\(0\) may be \+inf\), got f\(0\) = -inf",
+        ),
         (lambda u: u * math.nan, r"must be finite on \(0, inf\).*got f\(0\) = nan"),
         (lambda u: u * torch.log(u) - u + 1, r"got f\(0\) = nan \(for u log u, torch.xlogy\(u, u\) gives the limit 0"),
         (lambda u: torch.ones_like(u), r"must satisfy f\(1\) = 0, got f\(1\) = 1"),
         (lambda u: (u - 1).square() + 0.1, r"must satisfy f\(1\) = 0, got f\(1\) = 0.1"),
         (lambda u: torch.zeros_like(u), r"identically 0 on \[0, 1e6\].*no trust region"),
         (lambda u: torch.xlogy(u, u), r"must be non-negative, got f\(1e-06\) = -1.38155e-05.*u log u - u \+ 1"),
-        (lambda u: (u - 1).square().sum(), r"not elementwise: it must return a tensor shaped like its input, got shape \(\)"),
+        (
+            lambda u: (u - 1).square().sum(),
+            r"not elementwise: it must return a tensor shaped like its input, got shape \(\)",
+        ),
         (lambda u: (u - u.mean()).square(), r"not elementwise: at u = \S+ it gives \S+ on the full grid but \S+ in a"),
-        (lambda u: (u - 1).square().flatten(), r"not elementwise: .*got shape \(150,\) for an input of shape \(2, 75\)"),
+        (
+            lambda u: (u - 1).square().flatten(),
+            r"not elementwise: .*got shape \(150,\) for an input of shape \(2, 75\)",
+        ),
         (lambda u: (u - 1).square() * torch.arange(u.numel()).reshape(u.shape), r"not elementwise"),
         (lambda u: 0.0, r"must return a floating-point torch.Tensor .* got float"),
         (lambda u: (u > 1).long(), r"must return a floating-point torch.Tensor .* got torch.int64"),
