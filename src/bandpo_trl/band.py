@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .utils import import_module, import_object
+
 __all__ = [
     "Divergence",
     "available_divergences",
@@ -36,6 +38,7 @@ __all__ = [
     "dcpo_bounds",
     "get_divergence",
     "register_divergence",
+    "resolve_divergence",
     "solve_band",
 ]
 
@@ -83,6 +86,8 @@ class Divergence:
 
 
 _REGISTRY: dict[str, Divergence] = {}
+# Import paths "module:name" whose module registered `name` on import -> that name (see resolve_divergence).
+_ALIASES: dict[str, str] = {}
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -235,15 +240,70 @@ def available_divergences() -> list[str]:
 
 
 def get_divergence(name: str | Divergence) -> Divergence:
+    """The registered divergence ``name`` (or an import path already resolved by :func:`resolve_divergence`)."""
     if isinstance(name, Divergence):
         return name
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
+        pass
+    try:
+        return _REGISTRY[_ALIASES[name]]
+    except (KeyError, TypeError):
         raise ValueError(
             f"unknown divergence {name!r}; accepted: {', '.join(available_divergences())} "
             "(or register one with bandpo_trl.register_divergence)"
         ) from None
+
+
+def is_import_path(name) -> bool:
+    """Whether a divergence name that is not registered is to be read as an import path (it has a '.' or ':')."""
+    return isinstance(name, str) and ("." in name or ":" in name)
+
+
+def resolve_divergence(name: str) -> str:
+    """A key accepted by :func:`get_divergence` for a registered name or an import path, importing as needed.
+
+    - a registered name (or an already resolved path) is returned as is;
+    - ``"my_pkg.divergences:js"`` imports ``my_pkg.divergences``; if that import registered ``js`` (through
+      :func:`register_divergence`; or ``js`` is registered with a generator defined in that module), the path
+      selects it. Otherwise the module's callable attribute ``js`` is registered as the generator under the name
+      ``"my_pkg.divergences:js"``;
+    - ``"my_pkg.divergences.js_generator"`` (no colon) imports ``my_pkg.divergences`` and registers its callable
+      attribute ``js_generator`` as the generator under the full dotted name.
+
+    A generator registered here is checked like any other (:func:`check_generator`). The current working directory
+    is put on ``sys.path`` for the import. Raises ``ValueError`` for an unknown name, a module that is not found,
+    a missing or non-callable attribute, or a generator that fails the checks. Idempotent: the path stays usable
+    as a name (``band_bounds(logps, "my_pkg.divergences:js")``) once resolved.
+    """
+    if name in _REGISTRY or (isinstance(name, str) and _ALIASES.get(name) in _REGISTRY):
+        return name
+    if not is_import_path(name):
+        get_divergence(name)  # raises the "unknown divergence" error
+    if ":" in name:
+        module_name, _, attribute = name.partition(":")
+        before = _REGISTRY.get(attribute)
+        module = import_module(module_name, name) if module_name else None
+        registered = _REGISTRY.get(attribute)
+        if module is not None and registered is not None and (
+            registered is not before or getattr(registered.f, "__module__", None) == module.__name__
+        ):
+            _ALIASES[name] = attribute
+            return name
+        try:
+            f = import_object(name, require_callable=True)
+        except ValueError as error:
+            if module is None or hasattr(module, attribute.split(".")[0]):
+                raise
+            raise ValueError(
+                f"{name!r}: importing module {module_name!r} registered no divergence {attribute!r}, and the module "
+                f"has no attribute {attribute!r} to register as its generator"
+            ) from error
+    else:
+        f = import_object(name, require_callable=True)
+    register_divergence(name, f)
+    return name
 
 
 # --------------------------------------------------------------------------------------------------------------
