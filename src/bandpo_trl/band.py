@@ -286,8 +286,10 @@ def resolve_divergence(name: str) -> str:
         before = _REGISTRY.get(attribute)
         module = import_module(module_name, name) if module_name else None
         registered = _REGISTRY.get(attribute)
-        if module is not None and registered is not None and (
-            registered is not before or getattr(registered.f, "__module__", None) == module.__name__
+        if (
+            module is not None
+            and registered is not None
+            and (registered is not before or getattr(registered.f, "__module__", None) == module.__name__)
         ):
             _ALIASES[name] = attribute
             return name
