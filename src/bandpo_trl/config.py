@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields
 
 from trl import GRPOConfig
 
-from .band import _check_max_ratio, _check_positive, available_divergences
+from .band import _check_max_ratio, _check_positive, available_divergences, is_import_path, resolve_divergence
 
 CLIP_RULES = ("band", "clip", "dcpo")
 # TRL loss types whose surrogate is the PPO ratio clip `clamp(r, 1 - eps_low, 1 + eps_high)`.
@@ -55,7 +55,11 @@ class BandGRPOConfig(GRPOConfig):
         default="kl",
         metadata={
             "help": "f-divergence of the trust region: 'kl' (KL(pi_old || pi), the paper's default), 'rkl', 'tv', "
-            "'chi2', 'hellinger', or a name registered with `bandpo_trl.register_divergence`."
+            "'chi2', 'hellinger', a name registered with `bandpo_trl.register_divergence`, or an import path "
+            "(the current directory is searched first): 'my_pkg.divergences:js' imports my_pkg.divergences and "
+            "uses the divergence 'js' its import registers (or registers its function `js` as the generator f), "
+            "'my_pkg.divergences.js_generator' registers that function as the generator f. A generator must be "
+            "elementwise, convex, non-negative, finite on (0, inf) and 0 at 1; it is checked at start-up."
         },
     )
     band_delta: float = field(
@@ -110,11 +114,19 @@ def validate_band_options(args) -> None:
     if rule not in CLIP_RULES:
         raise ValueError(f"clip_rule must be one of {', '.join(CLIP_RULES)}; got {rule!r}")
     divergence = band_option(args, "band_divergence")
-    if divergence not in available_divergences():
+    if not is_import_path(divergence) and divergence not in available_divergences():
         raise ValueError(
-            f"band_divergence {divergence!r} is unknown; accepted: {', '.join(available_divergences())} "
-            "(or register one with bandpo_trl.register_divergence before building the config)"
+            f"band_divergence {divergence!r} is unknown; accepted: {', '.join(available_divergences())}, an import "
+            "path such as 'my_pkg.divergences:js' (or register one with bandpo_trl.register_divergence before "
+            "building the config)"
         )
+    try:
+        resolve_divergence(divergence)  # imports and registers an import path; a registered name is kept
+    except ValueError as error:
+        raise ValueError(
+            f"band_divergence {divergence!r} is not a registered divergence (accepted: "
+            f"{', '.join(available_divergences())}); as an import path: {error}"
+        ) from error
     for name in ("band_delta", "dcpo_epsilon_low", "dcpo_epsilon_high"):
         _check_positive(name, band_option(args, name))
     _check_max_ratio(band_option(args, "band_max_ratio"), "band_max_ratio")
