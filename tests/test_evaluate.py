@@ -20,7 +20,6 @@ from pathlib import Path
 import pytest
 import torch
 
-from bandpo_trl import evaluate
 from bandpo_trl.evaluate import (
     BenchmarkEvalCallback,
     Completion,
@@ -36,6 +35,7 @@ from bandpo_trl.evaluate import (
     sampling_generation_config,
     score_completions,
 )
+from bandpo_trl.evaluation import generation
 from bandpo_trl.metrics import mean_at_k, pass_at_k, problem_pass_at_k
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -324,11 +324,11 @@ def test_resolve_backend(monkeypatch):
     with pytest.raises(ImportError, match="vllm"):
         resolve_backend("vllm")
     monkeypatch.setattr(importlib.util, "find_spec", find_spec(True))
-    monkeypatch.setattr(evaluate, "_cuda_available", lambda: False)
+    monkeypatch.setattr(generation, "_cuda_available", lambda: False)
     assert resolve_backend("auto") == "transformers"
     with pytest.raises(RuntimeError, match="CUDA"):
         resolve_backend("vllm")
-    monkeypatch.setattr(evaluate, "_cuda_available", lambda: True)
+    monkeypatch.setattr(generation, "_cuda_available", lambda: True)
     assert resolve_backend("auto") == "vllm"
     with pytest.raises(ValueError):
         resolve_backend("tgi")
@@ -520,7 +520,7 @@ def test_vllm_backend_code_path_with_a_stand_in_vllm(oracle_model_dir, base_and_
     vllm.LLM, vllm.SamplingParams = LLM, SamplingParams
     vllm.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
     monkeypatch.setitem(sys.modules, "vllm", vllm)
-    monkeypatch.setattr(evaluate, "_cuda_available", lambda: True)  # what a GPU machine with vLLM looks like
+    monkeypatch.setattr(generation, "_cuda_available", lambda: True)  # what a GPU machine with vLLM looks like
 
     main([*_toy_cli_args(oracle_model_dir, tmp_path / "v"), "--backend", "auto"])
     records, summary = _read_results(tmp_path / "v")
