@@ -262,6 +262,72 @@ def test_encode_prompt_plain_and_conversational(tiny_model_dir):
     assert tokenizer.decode(encode_prompt(tokenizer, messages)) == "user: 2+2?\nassistant: "
 
 
+# A Qwen3-style template: `enable_thinking=False` (a chat_template_kwargs entry) pre-fills an empty thinking block.
+THINKING_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: "
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+NO_THINKING = {"enable_thinking": False}
+
+
+def _thinking_tokenizer():
+    from bandpo_trl.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = THINKING_TEMPLATE
+    return tokenizer
+
+
+def test_encode_prompt_passes_chat_template_kwargs_like_trl():
+    tokenizer = _thinking_tokenizer()
+    messages = [{"role": "user", "content": "1+1="}]
+    assert tokenizer.decode(encode_prompt(tokenizer, messages)) == "user: 1+1=\nassistant: "
+    ids = encode_prompt(tokenizer, messages, NO_THINKING)
+    assert tokenizer.decode(ids) == "user: 1+1=\nassistant: <think>\n\n</think>\n\n"
+    # GRPOTrainer's own call (trl 1.16, `_tokenize_prompts`): the batch form with `**self.chat_template_kwargs`.
+    trl_ids = tokenizer.apply_chat_template(
+        conversation=[messages], add_generation_prompt=True, tokenize=True, return_dict=True, **NO_THINKING
+    )["input_ids"][0]
+    assert ids == list(trl_ids)
+    assert encode_prompt(tokenizer, messages, '{"enable_thinking": false}') == ids  # the JSON form of the CLI
+    assert encode_prompt(tokenizer, "1+1=", NO_THINKING) == encode_prompt(tokenizer, "1+1=")  # no template: unchanged
+
+
+def test_chat_template_kwargs_argument_from_the_cli_and_yaml(tmp_path):
+    from trl import TrlParser
+
+    assert EvalArguments(model="m").chat_template_kwargs == {}
+    assert EvalArguments(model="m", chat_template_kwargs='{"enable_thinking": false}').chat_template_kwargs == (
+        NO_THINKING
+    )
+    for bad in ["enable_thinking=False", "[1, 2]"]:
+        with pytest.raises(ValueError, match="chat_template_kwargs"):
+            EvalArguments(model="m", chat_template_kwargs=bad)
+    parser = TrlParser(dataclass_types=[EvalArguments])
+    (args,) = parser.parse_args_and_config(
+        args=["--model", "m", "--chat_template_kwargs", '{"enable_thinking": false}']
+    )
+    assert args.chat_template_kwargs == NO_THINKING
+    config = tmp_path / "eval.yaml"
+    config.write_text("model: m\nchat_template_kwargs:\n  enable_thinking: false\n")
+    (args,) = parser.parse_args_and_config(args=["--config", str(config)])
+    assert args.chat_template_kwargs == NO_THINKING
+
+
+def test_benchmark_prompts_get_the_chat_template_kwargs():
+    from datasets import Dataset
+
+    tokenizer = _thinking_tokenizer()
+    dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": "1+1="}]], "answer": ["2"]})
+    thinking_off = "user: 1+1=\nassistant: <think>\n\n</think>\n\n"
+    generator = ScriptedGenerator(tokenizer, {thinking_off: ["Answer: 2", "Answer: 3"]})
+    result = evaluate_benchmark("chat", dataset, generator, tokenizer, k=2, chat_template_kwargs=NO_THINKING)
+    assert result.records[0]["correct"] == [True, False]
+    with pytest.raises(KeyError):  # without them, the prompt is not the one training saw
+        evaluate_benchmark("chat", dataset, generator, tokenizer, k=2)
+
+
 def test_transformers_generator_left_padding_and_batching(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -632,3 +698,41 @@ def test_callback_leaves_the_training_rng_alone_and_can_be_disabled(tiny_model_d
     train_state.global_step = 5
     disabled.on_step_end(None, train_state, control, model=model, processing_class=tokenizer)
     assert not control.should_log and disabled.history == []
+
+
+def test_callback_encodes_prompts_with_the_trainer_chat_template_kwargs(tiny_model_dir):
+    """`on_step_end` takes the trainer's `args.chat_template_kwargs` (GRPOConfig), as GRPOTrainer encodes prompts."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, TrainerControl, TrainerState
+    from trl import GRPOConfig
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = _thinking_tokenizer()
+    seen = []
+    original = model.generate
+
+    def recording_generate(*args, **kwargs):
+        seen.extend(
+            tokenizer.decode(row[mask.bool()]) for row, mask in zip(kwargs["input_ids"], kwargs["attention_mask"])
+        )
+        return original(*args, **kwargs)
+
+    model.generate = recording_generate
+    chat = Dataset.from_dict({"prompt": [[{"role": "user", "content": "1+1="}]], "answer": ["2"]})
+    state = TrainerState()
+    state.global_step = 1
+    for config_kwargs, own, expected in [
+        ('{"enable_thinking": false}', None, "<think>\n\n</think>\n\n"),  # GRPOConfig parses the JSON string
+        (None, None, ""),
+        ('{"enable_thinking": false}', {"enable_thinking": True}, ""),  # the callback's own value wins
+    ]:
+        args = GRPOConfig(
+            output_dir=str(tiny_model_dir), chat_template_kwargs=config_kwargs, report_to="none", use_cpu=True
+        )
+        callback = BenchmarkEvalCallback(
+            ["chat"], 1, k=1, max_new_tokens=1, datasets={"chat": chat}, save_results=False, show_progress=False,
+            chat_template_kwargs=own,
+        )  # fmt: skip
+        seen.clear()
+        callback.on_step_end(args, state, TrainerControl(), model=model, processing_class=tokenizer)
+        assert seen == ["user: 1+1=\nassistant: " + expected]

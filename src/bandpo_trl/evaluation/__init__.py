@@ -27,7 +27,7 @@ Modules, one job each:
 """
 
 from ..metrics import mean_at_k, pass_at_k, problem_pass_at_k
-from .arguments import BACKENDS, EVAL_SPLITS, PAPER_BENCHMARKS, EvalArguments
+from .arguments import BACKENDS, EVAL_SPLITS, PAPER_BENCHMARKS, EvalArguments, parse_chat_template_kwargs
 from .callback import BenchmarkEvalCallback
 from .generation import (
     Completion,
@@ -68,6 +68,7 @@ __all__ = [
     "is_conversational_prompt",
     "load_model_and_tokenizer",
     "load_tokenizer",
+    "parse_chat_template_kwargs",
     "main",
     "mean_at_k",
     "pass_at_k",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -12,6 +14,21 @@ BACKENDS = ("auto", "vllm", "transformers")
 # The split each benchmark is evaluated on, when it is not the dataset's default. The toy task draws from a stream of
 # problems independent of the training one.
 EVAL_SPLITS = {"toy_arithmetic": "test"}
+
+
+def parse_chat_template_kwargs(value: dict[str, Any] | str | None) -> dict[str, Any]:
+    """`chat_template_kwargs` as a dict: `None` is `{}`, a string is parsed as JSON (what the command line and TRL's
+    `GRPOConfig` accept), and anything but a JSON object is refused."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except json.JSONDecodeError as error:
+            raise ValueError(f"`chat_template_kwargs` must be a JSON object, got {value!r} ({error})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"`chat_template_kwargs` must be a mapping (JSON object), got {type(value).__name__}")
+    return dict(value)
 
 
 @dataclass
@@ -131,6 +148,14 @@ class EvalArguments:
         default=None,
         metadata={"help": "vLLM backend: maximum sequence length (prompt + completion). Default: the model's."},
     )
+    chat_template_kwargs: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": 'Extra keyword arguments of the chat template, as a JSON object (e.g. \'{"enable_thinking": '
+            "false}'): pass the training run's `chat_template_kwargs` so that conversational prompts are encoded "
+            "exactly as training saw them. Plain-text prompts get no template."
+        },
+    )
     save_completions: bool = field(
         default=True,
         metadata={"help": "Store the completion texts in <benchmark>.jsonl (besides the extracted answers)."},
@@ -161,6 +186,7 @@ class EvalArguments:
             raise ValueError("`max_new_tokens` and `batch_size` must be >= 1")
         if self.num_problems is not None and self.num_problems < 1:
             raise ValueError(f"`num_problems` must be >= 1, got {self.num_problems}")
+        self.chat_template_kwargs = parse_chat_template_kwargs(self.chat_template_kwargs)
         if self.backend not in BACKENDS:
             raise ValueError(f"`backend` must be one of {BACKENDS}, got {self.backend!r}")
         if self.temperature == 0 and self.k > 1:

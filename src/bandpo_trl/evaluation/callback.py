@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from transformers import TrainerCallback
 
-from .arguments import EVAL_SPLITS
+from .arguments import EVAL_SPLITS, parse_chat_template_kwargs
 from .generation import TransformersGenerator
 from .runner import _write_jsonl, evaluate_benchmark
 from .scoring import summarize_benchmark
@@ -56,6 +56,9 @@ class BenchmarkEvalCallback(TrainerCallback):
         datasets (`dict[str, Dataset]`, *optional*): datasets to use instead of `load_named_dataset(name)`.
         show_progress (`bool`, *optional*): show a sampling progress bar on the main process. Default: follow the
             trainer's `disable_tqdm` (and show it when `evaluate` is called directly).
+        chat_template_kwargs (`dict` or JSON `str`, *optional*): extra arguments of the chat template for
+            conversational prompts. Default: the trainer's `args.chat_template_kwargs` (TRL's `GRPOConfig` field), so
+            that the prompts are encoded exactly as training encodes them.
 
     Example:
     ```python
@@ -84,6 +87,7 @@ class BenchmarkEvalCallback(TrainerCallback):
         save_results: bool = True,
         datasets: dict[str, Any] | None = None,
         show_progress: bool | None = None,
+        chat_template_kwargs: dict[str, Any] | str | None = None,
     ):
         if isinstance(benchmarks, str):
             benchmarks = [benchmarks]
@@ -107,6 +111,9 @@ class BenchmarkEvalCallback(TrainerCallback):
         self.save_results = save_results
         self._datasets = dict(datasets or {})
         self.show_progress = show_progress
+        self.chat_template_kwargs = (
+            None if chat_template_kwargs is None else parse_chat_template_kwargs(chat_template_kwargs)
+        )
         self._pending: dict[str, float] = {}
         self._last_step = -1
         self.history: list[dict[str, Any]] = []  # (step, metrics) of every evaluation, for programmatic use
@@ -138,10 +145,16 @@ class BenchmarkEvalCallback(TrainerCallback):
         step: int | None = None,
         output_dir: str | None = None,
         show_progress: bool | None = None,
+        chat_template_kwargs: dict[str, Any] | str | None = None,
     ) -> dict[str, float]:
-        """Run the evaluation now with `model` and `tokenizer`; return the flat `eval/...` metrics."""
+        """Run the evaluation now with `model` and `tokenizer`; return the flat `eval/...` metrics.
+
+        `chat_template_kwargs` defaults to the callback's own (`{}` when it has none)."""
         if show_progress is None:
             show_progress = True if self.show_progress is None else self.show_progress
+        if chat_template_kwargs is None:
+            chat_template_kwargs = self.chat_template_kwargs
+        chat_template_kwargs = parse_chat_template_kwargs(chat_template_kwargs)
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         world = torch.distributed.get_world_size() if distributed else 1
         rank = torch.distributed.get_rank() if distributed else 0
@@ -177,6 +190,7 @@ class BenchmarkEvalCallback(TrainerCallback):
                     k=self.k,
                     pass_k=self.pass_k,
                     show_progress=False,
+                    chat_template_kwargs=chat_template_kwargs,
                 )
                 records = [(i, r) for i, r in zip(range(rank * per_rank, (rank + 1) * per_rank), result.records)]
                 if world > 1:
@@ -209,7 +223,17 @@ class BenchmarkEvalCallback(TrainerCallback):
         out = os.path.join(root, f"step-{step}")
         start = time.perf_counter()
         show_progress = not args.disable_tqdm if self.show_progress is None else self.show_progress
-        metrics = self.evaluate(model, processing_class, step=step, output_dir=out, show_progress=show_progress)
+        chat_template_kwargs = self.chat_template_kwargs
+        if chat_template_kwargs is None:  # the prompts exactly as the trainer encodes them
+            chat_template_kwargs = getattr(args, "chat_template_kwargs", None)
+        metrics = self.evaluate(
+            model,
+            processing_class,
+            step=step,
+            output_dir=out,
+            show_progress=show_progress,
+            chat_template_kwargs=chat_template_kwargs,
+        )
         metrics["eval/benchmark_runtime_s"] = round(time.perf_counter() - start, 3)
         self._pending.update(metrics)
         control.should_log = True  # the metrics join the log entry of this step

@@ -12,7 +12,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from .arguments import BACKENDS
+from .arguments import BACKENDS, parse_chat_template_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -34,21 +34,31 @@ def is_conversational_prompt(prompt: Any) -> bool:
     )
 
 
-def encode_prompt(tokenizer, prompt: str | Sequence[dict[str, str]]) -> list[int]:
+def encode_prompt(
+    tokenizer, prompt: str | Sequence[dict[str, str]], chat_template_kwargs: dict[str, Any] | None = None
+) -> list[int]:
     """
     Token ids of a prompt, exactly as TRL's `GRPOTrainer` builds them for generation.
 
-    A conversational prompt (list of messages) goes through the chat template with `add_generation_prompt=True`; a
-    plain string is tokenized as-is (with the tokenizer's usual special tokens).
+    A conversational prompt (list of messages) goes through the chat template with `add_generation_prompt=True` and
+    `chat_template_kwargs` (TRL's `GRPOConfig.chat_template_kwargs`, e.g. `{"enable_thinking": False}`); a plain string
+    is tokenized as-is (with the tokenizer's usual special tokens; TRL applies no template, so no kwargs, to it).
 
     Example:
     ```python
     ids = encode_prompt(tokenizer, [{"role": "user", "content": "What is 2+2?"}])
+    ids = encode_prompt(tokenizer, [{"role": "user", "content": "2+2?"}], {"enable_thinking": False})
     ids = encode_prompt(tokenizer, "2+2=")
     ```
     """
     if is_conversational_prompt(prompt):
-        ids = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True, return_dict=True)
+        ids = tokenizer.apply_chat_template(
+            list(prompt),
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            **parse_chat_template_kwargs(chat_template_kwargs),
+        )
         ids = ids["input_ids"]
     elif isinstance(prompt, str):
         ids = tokenizer(text=prompt)["input_ids"]

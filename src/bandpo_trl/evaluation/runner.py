@@ -51,11 +51,13 @@ def evaluate_benchmark(
     extractor: Callable[[str], str | None] | None = None,
     save_completions: bool = True,
     show_progress: bool = True,
+    chat_template_kwargs: dict[str, Any] | None = None,
 ) -> BenchmarkResult:
     """
     Sample `k` completions for every problem of `dataset` (columns `prompt`, `answer` and, optionally, `problem_id`)
     with `generator` (a [`TransformersGenerator`], a [`VLLMGenerator`] or anything with the same `generate(prompt_ids,
-    n, desc)` method), score them and summarize. `checker` / `extractor` default to [`get_checker`]`(name)`.
+    n, desc)` method), score them and summarize. `checker` / `extractor` default to [`get_checker`]`(name)`; conversational
+    prompts are encoded with `chat_template_kwargs` (see [`encode_prompt`]).
     """
     if checker is None or extractor is None:
         default_checker, default_extractor = get_checker(name)
@@ -69,7 +71,7 @@ def evaluate_benchmark(
     prompts = dataset["prompt"]
     golds = [str(answer) for answer in dataset["answer"]]
     ids = dataset["problem_id"] if "problem_id" in dataset.column_names else list(range(len(dataset)))
-    prompt_ids = [encode_prompt(tokenizer, prompt) for prompt in prompts]
+    prompt_ids = [encode_prompt(tokenizer, prompt, chat_template_kwargs) for prompt in prompts]
     samples = generator.generate(prompt_ids, k, desc=name)
     if len(samples) != len(prompts) or any(len(row) != k for row in samples):
         raise RuntimeError(f"the generator returned the wrong number of samples for {name!r}")
@@ -215,6 +217,7 @@ def run_evaluation(args: EvalArguments, generator=None, tokenizer=None) -> dict[
                 pass_k=args.pass_k,
                 save_completions=args.save_completions,
                 show_progress=args.show_progress,
+                chat_template_kwargs=args.chat_template_kwargs,
             )
             _write_jsonl(os.path.join(output_dir, f"{name}.jsonl"), result.records)
             results[name] = result.metrics
