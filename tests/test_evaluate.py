@@ -14,6 +14,7 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import types
 from pathlib import Path
 
@@ -536,8 +537,18 @@ def test_cli_random_model_records_are_consistent_and_reproducible(tiny_model_dir
     assert all(t <= 5 for r in records for t in r["completion_tokens"])
 
 
-def test_lora_adapter_through_the_cli(base_and_adapter_dirs, tmp_path):
+def test_lora_adapter_through_the_cli(base_and_adapter_dirs, tmp_path, monkeypatch):
+    import peft
+
     base, adapter = base_and_adapter_dirs
+    loaded_with_auto_peft = []
+    original = peft.AutoPeftModelForCausalLM.from_pretrained.__func__
+
+    def spy(cls, path, *args, **kwargs):
+        loaded_with_auto_peft.append(str(path))
+        return original(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(peft.AutoPeftModelForCausalLM, "from_pretrained", classmethod(spy))
     main(_toy_cli_args(base, tmp_path / "base"))
     assert _read_results(tmp_path / "base")[1]["results"]["toy_arithmetic"]["mean@4"] == 0.0
     # --adapter, and the default output directory <adapter>/eval
@@ -552,27 +563,33 @@ def test_lora_adapter_through_the_cli(base_and_adapter_dirs, tmp_path):
     assert resolve_model_and_adapter(str(adapter)) == (str(base), str(adapter))
     main(_toy_cli_args(adapter, tmp_path / "as-model"))
     assert _read_results(tmp_path / "as-model")[0] == records
+    # The transformers backend merges in memory: peft's AutoPeftModelForCausalLM (base recorded in the adapter).
+    assert loaded_with_auto_peft == [str(adapter), str(adapter)]
 
 
-def test_vllm_backend_code_path_with_a_stand_in_vllm(oracle_model_dir, base_and_adapter_dirs, tmp_path, monkeypatch):
-    """vLLM is not installed here: a stand-in module checks what the backend hands vLLM and how it reads the outputs."""
+def install_stand_in_vllm(monkeypatch, answers, adapter_answers=None, seen=None):
+    """A stand-in `vllm` package (vLLM is not installed here) that records what it is handed and answers each prompt
+    from `answers` (prompt text -> completion), or from `adapter_answers` when a LoRARequest comes with the call."""
     from transformers import AutoTokenizer
 
-    seen = {}
+    seen = {} if seen is None else seen
 
     class LLM:
         def __init__(self, model, tokenizer, **kwargs):
-            assert os.path.isfile(os.path.join(model, "config.json"))  # a full (merged) checkpoint
+            assert os.path.isfile(os.path.join(model, "config.json"))  # a full checkpoint: the base model
             seen["llm"] = dict(model=model, tokenizer=tokenizer, **kwargs)
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
 
-        def generate(self, prompts, params, use_tqdm=True):
+        def generate(self, prompts, params, use_tqdm=True, lora_request=None):
             seen.setdefault("prompts", []).extend(p["prompt_token_ids"] for p in prompts)
             seen["params"] = params.kwargs
-            answers = dict(toy_pairs_for_stub)
+            seen.setdefault("lora_requests", []).append(lora_request)
+            if lora_request is not None:  # vLLM refuses a LoRARequest unless LoRA was enabled
+                assert seen["llm"].get("enable_lora") is True and seen["llm"].get("max_lora_rank", 0) >= 1
+            table = adapter_answers if lora_request is not None else answers
             out = []
             for p in prompts:
-                gold = answers[self.tokenizer.decode(p["prompt_token_ids"])]
+                gold = table[self.tokenizer.decode(p["prompt_token_ids"])]
                 sample = types.SimpleNamespace(text=gold, token_ids=[0] * (len(gold) + 1), finish_reason="stop")
                 out.append(types.SimpleNamespace(outputs=[sample] * params.kwargs["n"]))
             return out
@@ -581,13 +598,29 @@ def test_vllm_backend_code_path_with_a_stand_in_vllm(oracle_model_dir, base_and_
         def __init__(self, **kwargs):
             self.kwargs = kwargs
 
-    toy_pairs_for_stub = list(zip(_toy_problems()["prompt"], _toy_problems()["answer"]))
-    vllm = types.ModuleType("vllm")
-    vllm.LLM, vllm.SamplingParams = LLM, SamplingParams
-    vllm.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
-    monkeypatch.setitem(sys.modules, "vllm", vllm)
-    monkeypatch.setattr(generation, "_cuda_available", lambda: True)  # what a GPU machine with vLLM looks like
+    class LoRARequest:  # vllm.lora.request.LoRARequest(lora_name, lora_int_id, lora_path)
+        def __init__(self, lora_name, lora_int_id, lora_path):
+            self.lora_name, self.lora_int_id, self.lora_path = lora_name, lora_int_id, lora_path
 
+    modules = {name: types.ModuleType(name) for name in ("vllm", "vllm.lora", "vllm.lora.request")}
+    modules["vllm"].LLM, modules["vllm"].SamplingParams = LLM, SamplingParams
+    modules["vllm.lora.request"].LoRARequest = LoRARequest
+    modules["vllm"].lora, modules["vllm.lora"].request = modules["vllm.lora"], modules["vllm.lora.request"]
+    for name, module in modules.items():
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=name != "vllm.lora.request")
+        if name != "vllm.lora.request":
+            module.__path__ = []
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(generation, "_cuda_available", lambda: True)  # what a GPU machine with vLLM looks like
+    return seen
+
+
+def test_vllm_backend_code_path_with_a_stand_in_vllm(oracle_model_dir, tmp_path, monkeypatch):
+    """What the vLLM backend hands vLLM and how it reads the outputs, through the stand-in."""
+    from transformers import AutoTokenizer
+
+    toy_pairs_for_stub = list(zip(_toy_problems()["prompt"], _toy_problems()["answer"]))
+    seen = install_stand_in_vllm(monkeypatch, answers=dict(toy_pairs_for_stub))
     main([*_toy_cli_args(oracle_model_dir, tmp_path / "v"), "--backend", "auto"])
     records, summary = _read_results(tmp_path / "v")
     assert summary["backend"] == "vllm" and summary["results"]["toy_arithmetic"]["mean@4"] == 1.0
@@ -595,12 +628,54 @@ def test_vllm_backend_code_path_with_a_stand_in_vllm(oracle_model_dir, base_and_
     assert seen["params"] == {"n": 4, "temperature": 1.0, "top_p": 1.0, "max_tokens": 5}
     tokenizer = AutoTokenizer.from_pretrained(oracle_model_dir)
     assert seen["prompts"] == [encode_prompt(tokenizer, p) for p, _ in toy_pairs_for_stub]
+    assert seen["lora_requests"] == [None] and "enable_lora" not in seen["llm"]  # no adapter: no LoRA
 
-    # With an adapter, vLLM serves a temporary merged checkpoint, removed afterwards.
+
+def test_vllm_backend_serves_a_lora_adapter_natively(base_and_adapter_dirs, tmp_path, monkeypatch):
+    """With an adapter, vLLM loads the base model with LoRA enabled and gets the adapter as a LoRARequest with every
+    generate call: no merged checkpoint is written, to a temporary directory or anywhere."""
+    from transformers import PreTrainedModel
+
     base, adapter = base_and_adapter_dirs
-    main([*_toy_cli_args(base, tmp_path / "va", "--adapter", str(adapter)), "--backend", "vllm"])
-    merged = seen["llm"]["model"]
-    assert merged != str(base) and seen["llm"]["tokenizer"] == merged and not os.path.exists(merged)
+    pairs = list(zip(_toy_problems()["prompt"], _toy_problems()["answer"]))
+    swapped = dict(zip([p for p, _ in pairs], [a for _, a in pairs][::-1]))
+    # Without the adapter the stand-in answers as the base model does (the swapped answers), with it as the adapter.
+    seen = install_stand_in_vllm(monkeypatch, answers=swapped, adapter_answers=dict(pairs))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+
+    def no_saving(*args, **kwargs):
+        raise AssertionError("the vLLM backend must not write a merged checkpoint")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", no_saving)
+    runs = {
+        "va": _toy_cli_args(base, tmp_path / "va", "--adapter", str(adapter)),
+        "vm": _toy_cli_args(adapter, tmp_path / "vm"),
+    }
+    for out, cli in runs.items():  # --model BASE --adapter ADAPTER, and the adapter directory as --model
+        seen.clear()
+        main([*cli, "--backend", "vllm"])
+        _, summary = _read_results(tmp_path / out)
+        assert summary["results"]["toy_arithmetic"]["mean@4"] == 1.0  # the adapter's answers: the LoRARequest arrived
+        assert seen["llm"]["model"] == str(base) and seen["llm"]["tokenizer"] == str(base)  # no tokenizer in adapter/
+        assert seen["llm"]["enable_lora"] is True and seen["llm"]["max_lora_rank"] == 8  # the adapter's r=8
+        (request,) = seen["lora_requests"]
+        assert (request.lora_path, request.lora_int_id) == (str(adapter), 1)
+    assert os.listdir(scratch) == []  # no temporary directory either
+
+    # max_lora_rank: the adapter's largest rank rounded up to a value vLLM accepts, or the flag.
+    config_path = adapter / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    for r, rank_pattern, expected in [(8, {}, 8), (12, {}, 16), (8, {"q_proj": 40}, 64), (1, {}, 1)]:
+        config_path.write_text(json.dumps({**config, "r": r, "rank_pattern": rank_pattern}))
+        assert generation.vllm_max_lora_rank(str(adapter)) == expected
+    config_path.write_text(json.dumps({**config, "r": 600}))
+    with pytest.raises(ValueError, match="600"):
+        generation.vllm_max_lora_rank(str(adapter))
+    config_path.write_text(json.dumps(config))
+    main([*runs["va"], "--backend", "vllm", "--vllm_max_lora_rank", "32"])
+    assert seen["llm"]["max_lora_rank"] == 32
 
 
 # --------------------------------------------------------------------------------------------------------------------

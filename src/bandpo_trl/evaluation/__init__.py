@@ -37,8 +37,16 @@ from .generation import (
     is_conversational_prompt,
     resolve_backend,
     sampling_generation_config,
+    vllm_max_lora_rank,
 )
-from .loading import check_local_checkpoint, load_model_and_tokenizer, load_tokenizer, resolve_model_and_adapter
+from .loading import (
+    adapter_base_model,
+    check_local_checkpoint,
+    load_model_and_tokenizer,
+    load_tokenizer,
+    resolve_model_and_adapter,
+    tokenizer_source,
+)
 from .runner import evaluate_benchmark, main, run_evaluation
 from .scoring import (
     BenchmarkResult,
@@ -60,6 +68,7 @@ __all__ = [
     "EvalArguments",
     "TransformersGenerator",
     "VLLMGenerator",
+    "adapter_base_model",
     "check_local_checkpoint",
     "encode_prompt",
     "evaluate_benchmark",
@@ -80,5 +89,7 @@ __all__ = [
     "score_completions",
     "summarize_benchmark",
     "toy_extract_answer",
+    "tokenizer_source",
     "toy_is_correct",
+    "vllm_max_lora_rank",
 ]

@@ -52,8 +52,9 @@ class EvalArguments:
     adapter: str | None = field(
         default=None,
         metadata={
-            "help": "Optional LoRA adapter (directory or Hub id) trained on top of `model`; it is merged into the "
-            "model before generation. The tokenizer is read from the adapter directory when it holds one."
+            "help": "Optional LoRA adapter (directory or Hub id) trained on top of `model`. The vLLM backend serves "
+            "it with vLLM's LoRA support (no merged copy is written); the transformers backend merges it into the "
+            "weights in memory. The tokenizer is read from the adapter directory when it holds one."
         },
     )
     benchmarks: list[str] = field(
@@ -154,6 +155,13 @@ class EvalArguments:
             "help": 'Extra keyword arguments of the chat template, as a JSON object (e.g. \'{"enable_thinking": '
             "false}'): pass the training run's `chat_template_kwargs` so that conversational prompts are encoded "
             "exactly as training saw them. Plain-text prompts get no template."
+        },
+    )
+    vllm_max_lora_rank: int | None = field(
+        default=None,
+        metadata={
+            "help": "vLLM backend with an adapter: the `max_lora_rank` of vLLM's LoRA support. Default: the "
+            "adapter's rank, rounded up to a value vLLM accepts (1, 8, 16, 32, 64, 128, 256, 320, 512)."
         },
     )
     save_completions: bool = field(

@@ -229,6 +229,26 @@ class TransformersGenerator:
         return results
 
 
+# The values vLLM accepts for `max_lora_rank` (`vllm.config.lora.MaxLoRARanks`).
+VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_max_lora_rank(adapter: str) -> int:
+    """The `max_lora_rank` vLLM needs to serve `adapter` (a directory or Hub id): its largest rank (`r` and any
+    `rank_pattern` entry), rounded up to a value vLLM accepts."""
+    from peft import PeftConfig
+
+    config = PeftConfig.from_pretrained(adapter)
+    ranks = [getattr(config, "r", None), *(getattr(config, "rank_pattern", None) or {}).values()]
+    rank = max((int(r) for r in ranks if r), default=0)
+    if rank < 1:
+        raise ValueError(f"{adapter}: no LoRA rank `r` in its adapter_config.json; vLLM serves LoRA adapters only")
+    for allowed in VLLM_LORA_RANKS:
+        if rank <= allowed:
+            return allowed
+    raise ValueError(f"{adapter}: LoRA rank {rank} > {VLLM_LORA_RANKS[-1]}, the largest vLLM serves")
+
+
 class VLLMGenerator:
     r"""
     Sampling with vLLM (imported lazily: only needed when this backend is used).
@@ -236,10 +256,15 @@ class VLLMGenerator:
     Prompts are passed as token ids, so the chat template is applied exactly once, as in the transformers backend.
     The sampling parameters are passed explicitly, so the model's `generation_config.json` defaults do not apply.
 
+    A LoRA `adapter` is served with vLLM's native LoRA support (`enable_lora=True`, a `LoRARequest` with every
+    generation): the base weights are loaded once and the adapter is applied on the fly, without writing a merged
+    checkpoint. `max_lora_rank` defaults to the adapter's rank (rounded up to a value vLLM accepts).
+
     Example:
     ```python
     generator = VLLMGenerator("Qwen/Qwen2.5-3B-Instruct", temperature=1.0, max_new_tokens=4096, seed=0)
     samples = generator.generate([encode_prompt(tokenizer, messages)], n=32)
+    generator = VLLMGenerator("Qwen/Qwen2.5-3B-Instruct", adapter="outputs/qwen-lora")  # LoRA, unmerged
     ```
     """
 
@@ -259,6 +284,8 @@ class VLLMGenerator:
         max_model_len: int | None = None,
         trust_remote_code: bool = False,
         show_progress: bool = True,
+        adapter: str | None = None,
+        max_lora_rank: int | None = None,
     ):
         from vllm import LLM
 
@@ -268,6 +295,12 @@ class VLLMGenerator:
         self.max_new_tokens = int(max_new_tokens)
         self.show_progress = show_progress
         kwargs = {"max_model_len": max_model_len} if max_model_len else {}
+        self.lora_request = None
+        if adapter:
+            from vllm.lora.request import LoRARequest
+
+            kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=max_lora_rank or vllm_max_lora_rank(adapter))
+            self.lora_request = LoRARequest("adapter", 1, adapter)
         self.llm = LLM(
             model=model,
             tokenizer=tokenizer or model,
@@ -293,8 +326,9 @@ class VLLMGenerator:
         )
         if desc and self.show_progress:
             logger.info("Generating %s with vLLM", desc)
+        lora = {"lora_request": self.lora_request} if self.lora_request is not None else {}
         outputs = self.llm.generate(
-            [{"prompt_token_ids": list(ids)} for ids in prompts], params, use_tqdm=self.show_progress
+            [{"prompt_token_ids": list(ids)} for ids in prompts], params, use_tqdm=self.show_progress, **lora
         )
         return [
             [

@@ -5,11 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import tempfile
 
 import torch
-
-from .arguments import EvalArguments
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +47,24 @@ def _has_tokenizer(path: str | None) -> bool:
     return bool(path) and os.path.isfile(os.path.join(path, "tokenizer_config.json"))
 
 
+def tokenizer_source(model: str, adapter: str | None = None) -> str:
+    """Where the tokenizer is read from: `adapter` when its directory holds one (training may change it), else
+    `model`."""
+    return adapter if _has_tokenizer(adapter) else model
+
+
 def load_tokenizer(model: str, adapter: str | None = None, trust_remote_code: bool = False):
     """The tokenizer of `adapter` when its directory holds one (training may change it), else the model's."""
     from transformers import AutoTokenizer
 
-    source = adapter if _has_tokenizer(adapter) else model
-    return AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code)
+    return AutoTokenizer.from_pretrained(tokenizer_source(model, adapter), trust_remote_code=trust_remote_code)
+
+
+def adapter_base_model(adapter: str) -> str | None:
+    """The base model a LoRA adapter was trained on (`base_model_name_or_path` of its adapter_config.json)."""
+    from peft import PeftConfig
+
+    return PeftConfig.from_pretrained(adapter).base_model_name_or_path
 
 
 def resolve_model_and_adapter(model: str, adapter: str | None = None) -> tuple[str, str | None]:
@@ -73,7 +82,7 @@ def resolve_model_and_adapter(model: str, adapter: str | None = None) -> tuple[s
         with open(adapter_config, encoding="utf-8") as handle:
             base = json.load(handle).get("base_model_name_or_path")
         if base:
-            logger.info("%s is a LoRA adapter: evaluating its base model %s with it merged", model, base)
+            logger.info("%s is a LoRA adapter: evaluating its base model %s with the adapter applied", model, base)
             return base, model
     return model, adapter
 
@@ -91,8 +100,11 @@ def load_model_and_tokenizer(
 
     Args:
         model (`str`): local directory or Hub id.
-        adapter (`str`, *optional*): LoRA adapter directory or Hub id, loaded with `peft.PeftModel.from_pretrained`
-            and merged (`merge_and_unload`) so generation runs at the base model's speed.
+        adapter (`str`, *optional*): LoRA adapter directory or Hub id, merged into the weights (`merge_and_unload`)
+            so generation runs at the base model's speed. When `model` is the adapter's own base model (what
+            [`resolve_model_and_adapter`] gives for an adapter directory), it is loaded with
+            `peft.AutoPeftModelForCausalLM.from_pretrained(adapter)`, which also resizes the embeddings to a tokenizer
+            saved with the adapter; with another `model`, with `peft.PeftModel.from_pretrained` on top of it.
         dtype (`str`): `"auto"` (the checkpoint's), `"bfloat16"`, `"float16"` or `"float32"`.
         device: where to put the model. Default: CUDA if available, else CPU.
 
@@ -108,24 +120,18 @@ def load_model_and_tokenizer(
 
     tokenizer = load_tokenizer(model, adapter, trust_remote_code)
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
-    lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype, trust_remote_code=trust_remote_code)
-    if adapter:
-        from peft import PeftModel
+    if adapter and adapter_base_model(adapter) == model:
+        from peft import AutoPeftModelForCausalLM
 
-        lm = PeftModel.from_pretrained(lm, adapter).merge_and_unload()
+        lm = AutoPeftModelForCausalLM.from_pretrained(adapter, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        lm = lm.merge_and_unload()
+    else:
+        lm = AutoModelForCausalLM.from_pretrained(model, dtype=torch_dtype, trust_remote_code=trust_remote_code)
+        if adapter:
+            from peft import PeftModel
+
+            lm = PeftModel.from_pretrained(lm, adapter).merge_and_unload()
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     lm.to(device).eval()
     return lm, tokenizer
-
-
-def _merge_adapter_to_dir(args: EvalArguments) -> str:
-    """Merge the LoRA adapter into the base model and save it to a temporary directory (for vLLM)."""
-    model, tokenizer = load_model_and_tokenizer(
-        args.model, args.adapter, dtype=args.dtype, device="cpu", trust_remote_code=args.trust_remote_code
-    )
-    path = tempfile.mkdtemp(prefix="bandpo-eval-merged-")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    del model
-    return path

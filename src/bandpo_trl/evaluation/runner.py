@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -24,11 +23,11 @@ from ..metrics import pass_at_k
 from .arguments import EVAL_SPLITS, EvalArguments
 from .generation import TransformersGenerator, VLLMGenerator, encode_prompt, is_conversational_prompt, resolve_backend
 from .loading import (
-    _merge_adapter_to_dir,
     check_local_checkpoint,
     load_model_and_tokenizer,
     load_tokenizer,
     resolve_model_and_adapter,
+    tokenizer_source,
 )
 from .scoring import BenchmarkResult, format_results_table, get_checker, score_completions, summarize_benchmark
 
@@ -156,75 +155,68 @@ def run_evaluation(args: EvalArguments, generator=None, tokenizer=None) -> dict[
             check_local_checkpoint(args.adapter, "--adapter", adapter=True)
 
     backend = "custom" if generator is not None else resolve_backend(args.backend)
-    merged_dir = None
     start = time.perf_counter()
-    try:
-        if generator is None:
-            if backend == "vllm":
-                # vLLM serves the merged weights (the adapter merged on CPU into a temporary checkpoint).
-                model_path = merged_dir = _merge_adapter_to_dir(args) if args.adapter else None
-                model_path = model_path or args.model
-                tokenizer_path = merged_dir or args.model
-                tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=args.trust_remote_code)
-                generator = VLLMGenerator(
-                    model_path,
-                    tokenizer_path,
-                    temperature=args.temperature,
-                    top_p=args.top_p,
-                    top_k=args.top_k,
-                    max_new_tokens=args.max_new_tokens,
-                    seed=args.seed,
-                    dtype=args.dtype,
-                    gpu_memory_utilization=args.vllm_gpu_memory_utilization,
-                    tensor_parallel_size=args.vllm_tensor_parallel_size,
-                    max_model_len=args.vllm_max_model_len,
-                    trust_remote_code=args.trust_remote_code,
-                    show_progress=args.show_progress,
-                )
-            else:
-                model, tokenizer = load_model_and_tokenizer(
-                    args.model,
-                    args.adapter,
-                    dtype=args.dtype,
-                    device=args.device,
-                    trust_remote_code=args.trust_remote_code,
-                )
-                generator = TransformersGenerator(
-                    model,
-                    tokenizer,
-                    temperature=args.temperature,
-                    top_p=args.top_p,
-                    top_k=args.top_k,
-                    max_new_tokens=args.max_new_tokens,
-                    batch_size=args.batch_size,
-                    show_progress=args.show_progress,
-                )
-        elif tokenizer is None:
-            raise ValueError("pass the tokenizer together with a custom generator")
-
-        results: dict[str, dict[str, Any]] = {}
-        for name in benchmarks:
-            dataset = load_named_dataset(
-                name, split=EVAL_SPLITS.get(name), num_samples=args.num_problems, seed=args.seed
-            )
-            set_seed(args.seed)  # each benchmark's samples do not depend on the ones evaluated before it
-            result = evaluate_benchmark(
-                name,
-                dataset,
-                generator,
-                tokenizer,
-                k=args.k,
-                pass_k=args.pass_k,
-                save_completions=args.save_completions,
+    if generator is None:
+        if backend == "vllm":
+            # vLLM loads the base weights and applies the adapter itself (native LoRA): no merged copy is written.
+            tokenizer_path = tokenizer_source(args.model, args.adapter)
+            tokenizer = load_tokenizer(tokenizer_path, trust_remote_code=args.trust_remote_code)
+            generator = VLLMGenerator(
+                args.model,
+                tokenizer_path,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                top_k=args.top_k,
+                max_new_tokens=args.max_new_tokens,
+                seed=args.seed,
+                dtype=args.dtype,
+                gpu_memory_utilization=args.vllm_gpu_memory_utilization,
+                tensor_parallel_size=args.vllm_tensor_parallel_size,
+                max_model_len=args.vllm_max_model_len,
+                trust_remote_code=args.trust_remote_code,
                 show_progress=args.show_progress,
-                chat_template_kwargs=args.chat_template_kwargs,
+                adapter=args.adapter,
+                max_lora_rank=args.vllm_max_lora_rank,
             )
-            _write_jsonl(os.path.join(output_dir, f"{name}.jsonl"), result.records)
-            results[name] = result.metrics
-            logger.info("%s: %s", name, json.dumps(result.metrics))
-    finally:
-        if merged_dir:
-            shutil.rmtree(merged_dir, ignore_errors=True)
+        else:
+            model, tokenizer = load_model_and_tokenizer(
+                args.model,
+                args.adapter,
+                dtype=args.dtype,
+                device=args.device,
+                trust_remote_code=args.trust_remote_code,
+            )
+            generator = TransformersGenerator(
+                model,
+                tokenizer,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                top_k=args.top_k,
+                max_new_tokens=args.max_new_tokens,
+                batch_size=args.batch_size,
+                show_progress=args.show_progress,
+            )
+    elif tokenizer is None:
+        raise ValueError("pass the tokenizer together with a custom generator")
+
+    results: dict[str, dict[str, Any]] = {}
+    for name in benchmarks:
+        dataset = load_named_dataset(name, split=EVAL_SPLITS.get(name), num_samples=args.num_problems, seed=args.seed)
+        set_seed(args.seed)  # each benchmark's samples do not depend on the ones evaluated before it
+        result = evaluate_benchmark(
+            name,
+            dataset,
+            generator,
+            tokenizer,
+            k=args.k,
+            pass_k=args.pass_k,
+            save_completions=args.save_completions,
+            show_progress=args.show_progress,
+            chat_template_kwargs=args.chat_template_kwargs,
+        )
+        _write_jsonl(os.path.join(output_dir, f"{name}.jsonl"), result.records)
+        results[name] = result.metrics
+        logger.info("%s: %s", name, json.dumps(result.metrics))
 
     summary = {
         "config": dataclasses.asdict(args),
