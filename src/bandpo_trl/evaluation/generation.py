@@ -301,6 +301,7 @@ class VLLMGenerator:
 
             kwargs.update(enable_lora=True, max_loras=1, max_lora_rank=max_lora_rank or vllm_max_lora_rank(adapter))
             self.lora_request = LoRARequest("adapter", 1, adapter)
+        self.sampling_seed = None  # the engine's own seed applies
         self.llm = LLM(
             model=model,
             tokenizer=tokenizer or model,
@@ -312,18 +313,51 @@ class VLLMGenerator:
             **kwargs,
         )
 
-    def generate(self, prompts: Sequence[Sequence[int]], n: int, desc: str | None = None) -> list[list[Completion]]:
-        """`n` samples for each prompt (token ids), as a list (per prompt) of lists of [`Completion`]."""
-        from vllm import SamplingParams
+    @classmethod
+    def from_llm(
+        cls,
+        llm,
+        *,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        max_new_tokens: int = 4096,
+        seed: int | None = None,
+        show_progress: bool = True,
+    ) -> VLLMGenerator:
+        """A generator on an existing `vllm.LLM` (e.g. the one a TRL trainer colocates with training). `seed`, when
+        given, seeds every request (`SamplingParams(seed=...)`), so the samples do not depend on what the engine
+        generated before."""
+        generator = cls.__new__(cls)
+        generator.llm = llm
+        generator.temperature = float(temperature)
+        generator.top_p = float(top_p)
+        generator.top_k = int(top_k)
+        generator.max_new_tokens = int(max_new_tokens)
+        generator.show_progress = show_progress
+        generator.lora_request = None
+        generator.sampling_seed = seed
+        return generator
 
+    def sampling_params(self, n: int) -> dict[str, Any]:
+        """The `SamplingParams` fields of `n` samples per prompt."""
         greedy = self.temperature == 0
-        params = SamplingParams(
+        params = dict(
             n=n,
             temperature=0.0 if greedy else self.temperature,
             top_p=1.0 if greedy else self.top_p,
             max_tokens=self.max_new_tokens,
             **({"top_k": self.top_k} if self.top_k > 0 and not greedy else {}),
         )
+        if self.sampling_seed is not None:
+            params["seed"] = int(self.sampling_seed)
+        return params
+
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, desc: str | None = None) -> list[list[Completion]]:
+        """`n` samples for each prompt (token ids), as a list (per prompt) of lists of [`Completion`]."""
+        from vllm import SamplingParams
+
+        params = SamplingParams(**self.sampling_params(n))
         if desc and self.show_progress:
             logger.info("Generating %s with vLLM", desc)
         lora = {"lora_request": self.lora_request} if self.lora_request is not None else {}
@@ -337,6 +371,70 @@ class VLLMGenerator:
             ]
             for output in outputs
         ]
+
+
+class VLLMClientGenerator:
+    r"""
+    Sampling through a TRL `VLLMClient` (the vLLM server of `trl vllm-serve`, as `GRPOTrainer` uses it in server
+    mode): prompts go as token ids, completions come back as token ids and are decoded with `tokenizer`. A completion
+    is finished when it ends with an end-of-sequence token (the server returns it), as TRL counts truncation.
+
+    Example:
+    ```python
+    generator = VLLMClientGenerator(trainer.vllm_generation.vllm_client, tokenizer, max_new_tokens=512, seed=0)
+    samples = generator.generate([encode_prompt(tokenizer, "2+2=")], n=4)
+    ```
+    """
+
+    def __init__(
+        self,
+        client,
+        tokenizer,
+        *,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        max_new_tokens: int = 4096,
+        seed: int | None = None,
+        eos_token_ids: Sequence[int] | None = None,
+    ):
+        self.client = client
+        self.tokenizer = tokenizer
+        self.temperature = float(temperature)
+        self.top_p = float(top_p)
+        self.top_k = int(top_k)
+        self.max_new_tokens = int(max_new_tokens)
+        self.seed = seed
+        ids = eos_token_ids if eos_token_ids is not None else [getattr(tokenizer, "eos_token_id", None)]
+        self.eos_token_ids = {int(i) for i in ids if i is not None}
+
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, desc: str | None = None) -> list[list[Completion]]:
+        """`n` samples for each prompt (token ids), as a list (per prompt) of lists of [`Completion`]."""
+        if not prompts:
+            return []
+        greedy = self.temperature == 0
+        output = self.client.generate(
+            prompts=[list(ids) for ids in prompts],
+            n=n,
+            temperature=0.0 if greedy else self.temperature,
+            top_p=1.0 if greedy else self.top_p,
+            top_k=0 if greedy else self.top_k,
+            max_tokens=self.max_new_tokens,
+            logprobs=None,
+            generation_kwargs={"seed": int(self.seed)} if self.seed is not None else None,
+        )
+        rows = output["completion_ids"]  # prompt-major: the n samples of prompt 0, then those of prompt 1, ...
+        if len(rows) != len(prompts) * n:
+            raise RuntimeError(f"the vLLM server returned {len(rows)} completions for {len(prompts)} prompts x {n}")
+        completions = [
+            Completion(
+                text=self.tokenizer.decode(ids, skip_special_tokens=True),
+                num_tokens=len(ids),
+                finished=bool(ids) and int(ids[-1]) in self.eos_token_ids,
+            )
+            for ids in rows
+        ]
+        return [completions[i * n : (i + 1) * n] for i in range(len(prompts))]
 
 
 def _cuda_available() -> bool:
