@@ -255,3 +255,46 @@ def test_resolve_resume_checkpoint(tmp_path, caplog):
         resolve_resume_checkpoint(str(bad), str(tmp_path))
     with pytest.raises(ValueError, match="no such directory"):
         resolve_resume_checkpoint(str(tmp_path / "nope"), str(tmp_path))
+
+
+# -------------------------------------------------------------------------------------------- custom code
+
+
+def test_reward_funcs_accept_import_paths(tmp_path, monkeypatch):
+    from bandpo_trl.rewards import get_reward_funcs, toy_accuracy_reward
+
+    (tmp_path / "my_rewards.py").write_text(
+        "def short(completions, **kwargs):\n    return [-len(c) for c in completions]\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    funcs = get_reward_funcs(["toy_accuracy", "my_rewards.short", "my_rewards:short"])
+    assert funcs[0] is toy_accuracy_reward and funcs[1] is funcs[2]
+    assert funcs[1](["ab", "abc"]) == [-2, -3]
+    assert get_reward_funcs("toy_accuracy") == [toy_accuracy_reward]
+    with pytest.raises(ValueError, match=r"Unknown reward function\(s\) \['accuracy'\].*or an import path"):
+        get_reward_funcs(["accuracy"])
+    with pytest.raises(ValueError, match="my_rewards"):
+        get_reward_funcs(["my_rewards.missing"])
+
+
+@pytest.mark.slow
+def test_a_recipe_trains_with_its_own_reward_and_divergence_modules(tmp_path):
+    (tmp_path / "my_rewards.py").write_text(
+        "def ones(completions, **kwargs):\n    return [float(c.count('1')) for c in completions]\n"
+    )
+    (tmp_path / "my_divergences.py").write_text(
+        "import torch\n\nfrom bandpo_trl import register_divergence\n\n"
+        "register_divergence('js', lambda u: 0.5 * (torch.xlogy(u, u) - torch.xlogy(u + 1, (u + 1) / 2)))\n"
+    )
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        USER_RECIPE.replace("reward_funcs: toy_accuracy", "reward_funcs: [toy_accuracy, my_rewards.ones]")
+        + "band_divergence: my_divergences:js\nband_delta: 0.02\nmax_steps: 2\n"
+    )
+    result = run_script("bandpo-train", "--config", str(recipe), "--output_dir", "run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.loads((tmp_path / "run" / "trainer_state.json").read_text())
+    logs = [entry for entry in state["log_history"] if "loss" in entry]
+    assert any("rewards/ones/mean" in entry for entry in logs)  # logged on the steps that generate
+    assert all("band/upper_mean" in entry for entry in logs)
