@@ -108,10 +108,10 @@ def warm_up(args) -> str:
     """The recipe's warm-up (bandpo_trl.train.load_tiny), once, cached in <warmup-cache>/warmup; its directory."""
     from bandpo_trl.train import load_tiny, make_parser
 
-    script_args, training_args, _ = make_parser().parse_args_and_config(
+    _, training_args, _, tiny_args = make_parser().parse_args_and_config(
         args=["--config", str(args.recipe), "--output_dir", str(args.warmup_cache), *args.recipe_overrides]
     )
-    return load_tiny(script_args, training_args)
+    return load_tiny(tiny_args, training_args)
 
 
 def launch(args, method: str, seed: int, model_dir: str) -> tuple[subprocess.Popen, Path, float]:

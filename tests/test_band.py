@@ -7,6 +7,7 @@ The truth used here is independent of the implementation: the reference CSV (60-
 from __future__ import annotations
 
 import csv
+import importlib.util
 import math
 import re
 from pathlib import Path
@@ -32,27 +33,13 @@ DEVICES = [
 # ----------------------------------------------------------------------------------------------------------------
 
 mpmath.mp.dps = 50
-
-
-def _f_mp(name: str, u):
-    u = mpmath.mpf(u)
-    if name == "kl":
-        return mpmath.inf if u == 0 else u - 1 - mpmath.log(u)
-    if name == "rkl":
-        return mpmath.mpf(1) if u == 0 else u * mpmath.log(u) - u + 1
-    if name == "tv":
-        return abs(u - 1) / 2
-    if name == "chi2":
-        return (u - 1) ** 2
-    if name == "hellinger":
-        return (mpmath.sqrt(u) - 1) ** 2
-    raise KeyError(name)
-
-
-def g_mp(name: str, p, r):
-    """g(p, r) = p f(r) + (1 - p) f((1 - p r) / (1 - p)), at 50 digits."""
-    p, r = mpmath.mpf(p), mpmath.mpf(r)
-    return p * _f_mp(name, r) + (1 - p) * _f_mp(name, (1 - p * r) / (1 - p))
+# g(p, r) = p f(r) + (1 - p) f((1 - p r) / (1 - p)) in mpmath, from the script that regenerates the reference table.
+_reference_spec = importlib.util.spec_from_file_location(
+    "make_band_bounds", Path(__file__).resolve().parent / "data" / "make_band_bounds.py"
+)
+reference_script = importlib.util.module_from_spec(_reference_spec)
+_reference_spec.loader.exec_module(reference_script)
+g_mp = reference_script.g
 
 
 F_SECOND_AT_ONE = {"kl": 1.0, "rkl": 1.0, "chi2": 2.0, "hellinger": 0.5}  # tv is not smooth at 1
@@ -81,15 +68,11 @@ def bounds64(p, divergence: str, delta: float, max_ratio=None):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Reference CSV: in CI the repo is cloned fresh with shared/ copied beside it. A missing file is a failure.
+# Reference CSV: tests/data/band_bounds.csv, regenerated from g(p, r) alone by tests/data/make_band_bounds.py
+# (a test below checks that the committed file is what the script writes).
 # ----------------------------------------------------------------------------------------------------------------
 
-REFERENCE_CSV = Path(__file__).resolve().parents[2] / "shared/reference/band_bounds.csv"
-if not REFERENCE_CSV.is_file():
-    raise FileNotFoundError(
-        f"reference values not found at {REFERENCE_CSV}: tests/test_band.py needs shared/ beside the repository "
-        "(../shared/reference/band_bounds.csv)"
-    )
+REFERENCE_CSV = Path(__file__).resolve().parent / "data" / "band_bounds.csv"
 with REFERENCE_CSV.open(newline="") as handle:
     REFERENCE = [
         {
@@ -104,6 +87,26 @@ with REFERENCE_CSV.open(newline="") as handle:
         for row in csv.DictReader(handle)
     ]
 REFERENCE_IDS = [f"{r['divergence']}-d{r['delta']:g}-p{r['p']:g}" for r in REFERENCE]
+
+
+def test_reference_table_regenerates_from_its_definition(tmp_path):
+    """The committed table is exactly what the 60-digit bisection of g(p, r) = delta writes, byte for byte."""
+    out = tmp_path / "band_bounds.csv"
+    assert reference_script.main(["--out", str(out)]) == 0
+    assert out.read_text() == REFERENCE_CSV.read_text()
+
+
+@pytest.mark.parametrize(("name", "delta", "p"), [("kl", "0.05", "1e-4"), ("hellinger", "0.2", "0.3")])
+def test_reference_script_roots_solve_g(name, delta, p):
+    """Rows outside the table: each unsaturated bound is a root of g(p, r) = delta, and band_bounds agrees."""
+    lower, upper, lower_saturated, upper_saturated = reference_script.raw_bounds(name, delta, p)
+    with mpmath.workdps(60):
+        for bound, saturated in ((lower, lower_saturated), (upper, upper_saturated)):
+            if not saturated:
+                assert abs(g_mp(name, p, bound) - mpmath.mpf(delta)) < mpmath.mpf(10) ** -40
+    ours_lower, ours_upper = bounds64(float(p), name, float(delta))
+    assert rel_err(ours_upper.item(), float(upper)) <= 1e-9
+    assert rel_err(ours_lower.item(), float(lower)) <= 1e-9
 
 
 def test_reference_covers_every_builtin_divergence():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 import pytest
-from datasets import Dataset
+from datasets import Dataset, DatasetDict
 
 import bandpo_trl.data as data
 from bandpo_trl.data import (
@@ -20,6 +20,7 @@ from bandpo_trl.data import (
     map_gsm8k_row,
     map_math500_row,
     map_math_row,
+    parse_dataset_paths,
 )
 
 # The paper's instruction, written out here independently of the module's template.
@@ -180,3 +181,54 @@ def test_load_named_dataset_filters_maps_and_subsamples(fake_hub):
     assert fake_hub[-1] == ("open-r1/DAPO-Math-17k-Processed", "en", "train")
     assert len(dapo) == 3
     assert dapo[0]["prompt"] == paper_prompt("Find the sum of all integers $n$ with $n^2 < 10$.")
+
+
+# Local copies of the named datasets (offline clusters): the same row mapping from files written here.
+
+
+def test_local_parquet_file_gets_the_dataset_mapping(tmp_path):
+    path = tmp_path / "dapo.parquet"
+    Dataset.from_list([DAPO_ROW] * 4).to_parquet(str(path))
+    dapo = load_named_dataset("dapo_math_17k", path=str(path), num_samples=2, seed=0)
+    assert dapo.column_names == ["prompt", "answer", "problem_id"] and len(dapo) == 2
+    assert dapo[0]["prompt"] == paper_prompt("Find the sum of all integers $n$ with $n^2 < 10$.")
+    assert dapo[0]["problem_id"] == "dapo_math_17k/9a9b6eb4-a1cb-49d1-8c1e-62eaf2f74079"
+
+
+def test_local_jsonl_file_and_save_to_disk_directory_with_splits(tmp_path):
+    jsonl = tmp_path / "gsm8k.jsonl"
+    Dataset.from_list([GSM8K_ROW]).to_json(str(jsonl))
+    assert load_named_dataset("gsm8k", path=str(jsonl))["answer"] == ["1072"]
+
+    saved = tmp_path / "math"
+    DatasetDict({"train": Dataset.from_list(MATH_ROWS), "test": Dataset.from_list(MATH_ROWS[:1])}).save_to_disk(saved)
+    math = load_named_dataset("math_l3_5", path=str(saved))  # the source's split ("train") and its level filter
+    assert math["answer"] == ["\\frac{3}{4}", "-\\sqrt{2}"]
+    assert len(load_named_dataset("math_l3_5", path=str(saved), split="test")) == 1
+    with pytest.raises(ValueError, match="no split 'validation'; it has train, test"):
+        load_named_dataset("math_l3_5", path=str(saved), split="validation")
+
+
+def test_local_copy_of_a_hub_repository(tmp_path):
+    repo = tmp_path / "aime_2024"  # as `hf download HuggingFaceH4/aime_2024 --repo-type dataset` lays it out
+    (repo / "data").mkdir(parents=True)
+    rows = [{"id": 60, "problem": "Find $x$.", "solution": "...", "answer": "204", "url": "u", "year": "2024"}]
+    Dataset.from_list(rows).to_parquet(str(repo / "data" / "train-00000-of-00001.parquet"))
+    aime = load_named_dataset("aime24", path=str(repo))
+    assert aime[0]["answer"] == "204" and aime[0]["problem_id"] == "aime24/60"
+
+
+def test_local_dataset_paths_are_checked(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.parquet: no such file or directory"):
+        load_named_dataset("gsm8k", path=str(tmp_path / "nope.parquet"))
+    (tmp_path / "rows.txt").write_text("x")
+    with pytest.raises(ValueError, match="unknown data file type; accepted: .parquet, .json, .jsonl, .csv, .arrow"):
+        load_named_dataset("gsm8k", path=str(tmp_path / "rows.txt"))
+    with pytest.raises(ValueError, match="toy_arithmetic is generated in code"):
+        load_named_dataset("toy_arithmetic", path=str(tmp_path))
+    assert parse_dataset_paths(["gsm8k=/d/g.jsonl", "aime24 = /d/a"]) == {"gsm8k": "/d/g.jsonl", "aime24": "/d/a"}
+    assert parse_dataset_paths({"gsm8k": "/d/g.jsonl"}) == {"gsm8k": "/d/g.jsonl"}
+    with pytest.raises(ValueError, match="not of the form NAME=PATH"):
+        parse_dataset_paths(["gsm8k"])
+    with pytest.raises(ValueError, match="given for 'gsm9k', which is not a dataset with files; accepted: aime24"):
+        parse_dataset_paths(["gsm9k=/d"])

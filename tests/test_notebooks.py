@@ -49,7 +49,7 @@ def _kernel_env(monkeypatch, output_dir: Path) -> None:
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    # Whatever the shell's PATH (CI runs `.venv/bin/python -m pytest` without activating the venv), tools the
+    # Whatever the shell's PATH (`make test` runs `.venv/bin/python -m pytest` without activating the venv), tools the
     # kernel looks up by name come from this interpreter's environment.
     monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", ""))
 

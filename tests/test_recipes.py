@@ -82,7 +82,7 @@ def read_yaml(relpath: str) -> dict:
         return yaml.safe_load(f)
 
 
-def parse(relpath: str) -> tuple[ScriptArguments, BandGRPOConfig, object]:
+def parse(relpath: str) -> tuple[ScriptArguments, BandGRPOConfig, object, object]:
     argv = ["--config", os.path.join(RECIPES, relpath)]
     if read_yaml(relpath).get("bf16"):
         argv += ["--use_cpu", "true"]  # the only override: bf16 needs a GPU or use_cpu (see module docstring)
@@ -97,10 +97,10 @@ def plain(value):
 
 @pytest.mark.parametrize("relpath", TRAINING_RECIPES)
 def test_recipe_parses_validates_and_keeps_its_values(relpath):
-    script_args, training_args, model_args = parse(relpath)
+    script_args, training_args, model_args, tiny_args = parse(relpath)
     assert isinstance(training_args, BandGRPOConfig)
     for key, expected in read_yaml(relpath).items():
-        owner = next(a for a in (script_args, training_args, model_args) if hasattr(a, key))
+        owner = next(a for a in (script_args, training_args, model_args, tiny_args) if hasattr(a, key))
         actual = plain(getattr(owner, key))
         if key == "report_to":
             assert actual in ([], "none", ["none"]) if expected == "none" else actual == expected
@@ -127,7 +127,7 @@ def test_every_paper_recipe_exists():
 @pytest.mark.parametrize("model", sorted(PAPER_MODELS))
 @pytest.mark.parametrize("method", sorted(PAPER_METHODS))
 def test_paper_recipe_has_the_papers_hyperparameters(model, method):
-    script_args, args, model_args = parse(f"{model}/{method}")
+    script_args, args, model_args, _ = parse(f"{model}/{method}")
     lora = method.endswith("_lora.yaml")
     server = method.endswith("_vllm_server.yaml")
     gpus = 1 if lora else 4 if server else 8  # the server variants train on 4 GPUs and generate on the other 4
@@ -179,7 +179,7 @@ def test_recipes_of_one_model_differ_only_in_the_clipping_rule(model):
 
 
 def test_tiny_recipe_runs_on_the_cpu_without_downloads():
-    script_args, args, model_args = parse("tiny/bandpo/config_kl.yaml")
+    script_args, args, model_args, _ = parse("tiny/bandpo/config_kl.yaml")
     assert model_args.model_name_or_path == "tiny"
     assert script_args.dataset_names == ["toy_arithmetic"] and script_args.reward_funcs == ["toy_accuracy"]
     assert (args.bf16, args.use_cpu, args.use_vllm, args.gradient_checkpointing) == (False, True, False, False)

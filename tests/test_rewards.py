@@ -124,3 +124,14 @@ def test_registry_by_name_and_unknown_names_list_the_known_ones():
         get_reward_funcs(["math_accuracy", "accuracy_reward"])
     for name in available_rewards():
         assert name in str(error.value)
+
+
+def test_math_accuracy_reward_logs_gold_and_extracted_answers_through_log_extra():
+    logged = {}
+    rewards = math_accuracy_reward(
+        ["so\nAnswer: 12", "no answer here", r"\boxed{\frac{1}{2}}"],
+        answer=["12", "12", "0.5"],
+        log_extra=lambda column, values: logged.__setitem__(column, values),
+    )
+    assert rewards == [1.0, -1.0, 1.0]
+    assert logged == {"answer": ["12", "12", "0.5"], "answer_extracted": ["12", "", r"\frac{1}{2}"]}

@@ -83,3 +83,43 @@ def test_tiny_recipe_trains_through_the_entry_point(tmp_path):
     ids = tokenizer("3+4=", return_tensors="pt")
     generated = model.generate(**ids, max_new_tokens=3, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert generated.shape[1] > ids["input_ids"].shape[1]
+
+
+def test_model_init_kwargs_are_built_like_trls_grpo_script(tmp_path):
+    from bandpo_trl.train import make_parser, model_init_kwargs
+
+    argv = ["--output_dir", str(tmp_path), "--use_cpu", "true", "--model_name_or_path", "org/model"]
+    argv += ["--dtype", "bfloat16", "--attn_implementation", "sdpa", "--model_revision", "v2"]
+    argv += ["--model_init_kwargs", '{"low_cpu_mem_usage": true, "dtype": "float16"}']
+    _, training_args, model_args, tiny_args = make_parser().parse_args_and_config(args=argv)
+    assert model_init_kwargs(model_args, training_args) == {
+        "revision": "v2",
+        "trust_remote_code": False,
+        "attn_implementation": "sdpa",
+        "dtype": "float16",  # the recipe's model_init_kwargs win, as in TRL's script
+        "low_cpu_mem_usage": True,
+    }
+    assert tiny_args.tiny_warmup_steps == 100  # the tiny model's options parse into their own dataclass
+
+
+@pytest.mark.slow
+def test_local_dataset_and_model_dtype_reach_trls_loading(tmp_path, tiny_model_dir):
+    rows = [{"question": f"What is {i} plus {i}?", "answer": f"{i}+{i}={2 * i}\n#### {2 * i}"} for i in range(16)]
+    data_file = tmp_path / "gsm8k.jsonl"
+    Dataset.from_list(rows).to_json(str(data_file))
+    out = tmp_path / "run"
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "bandpo-train"),
+        "--model_name_or_path", str(tiny_model_dir), "--dtype", "bfloat16",
+        "--dataset_names", "gsm8k", "--dataset_paths", f"gsm8k={data_file}", "--reward_funcs", "math_accuracy",
+        "--output_dir", str(out), "--use_cpu", "true", "--bf16", "false", "--report_to", "none",
+        "--num_generations", "4", "--per_device_train_batch_size", "8", "--steps_per_generation", "2",
+        "--max_completion_length", "4", "--max_steps", "2", "--logging_steps", "1", "--save_strategy", "no",
+        "--disable_tqdm", "true", "--torch_num_threads", "1",
+    ]  # fmt: skip
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((out / "trainer_state.json").read_text())["global_step"] == 2
+    # TRL loaded the policy from its path with the recipe's dtype (the tiny model was saved in float32).
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"

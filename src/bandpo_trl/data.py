@@ -24,6 +24,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -208,7 +209,9 @@ def available_datasets() -> list[str]:
     return sorted({*DATASET_SOURCES, "toy_arithmetic"})
 
 
-def load_named_dataset(name: str, split: str | None = None, num_samples: int | None = None, seed: int = 0) -> Dataset:
+def load_named_dataset(
+    name: str, split: str | None = None, num_samples: int | None = None, seed: int = 0, path: str | None = None
+) -> Dataset:
     """Load a dataset by name and map it to the columns `prompt`, `answer`, `problem_id`.
 
     Args:
@@ -218,18 +221,111 @@ def load_named_dataset(name: str, split: str | None = None, num_samples: int | N
         num_samples: if set, keep a random subset of this many rows (drawn with `seed`); `toy_arithmetic`
             generates exactly this many (default 4096).
         seed: seed of the subset (and of the toy generator).
+        path: load the rows from here instead of the Hub (offline clusters), with the same column layout and row
+            mapping: a data file (`.parquet`, `.json`, `.jsonl`, `.csv`, `.arrow`; all its rows, `split` unused),
+            a directory written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`, or a local copy of the Hub
+            repository (e.g. from `hf download --repo-type dataset`), read with `load_dataset(path, config)`.
 
     Raises:
-        ValueError: unknown `name`; the message lists the known ones.
+        ValueError: unknown `name` (the message lists the known ones), `num_samples` <= 0, or rows whose prompt is
+            empty (the message counts them and names the first few).
     """
+    if num_samples is not None and num_samples <= 0:
+        raise ValueError(f"num_samples must be a positive number of rows, got {num_samples} (None keeps every row)")
     if name == "toy_arithmetic":
-        return generate_toy_arithmetic(num_samples or TOY_DEFAULT_SIZE, seed=seed, split=split or "train")
+        if path is not None:
+            raise ValueError("toy_arithmetic is generated in code and has no files; remove its local path")
+        num_samples = TOY_DEFAULT_SIZE if num_samples is None else num_samples
+        return generate_toy_arithmetic(num_samples, seed=seed, split=split or "train")
     if name not in DATASET_SOURCES:
         raise ValueError(f"Unknown dataset {name!r}. Known datasets: {', '.join(available_datasets())}")
     source = DATASET_SOURCES[name]
-    dataset = load_dataset(source.path, source.config, split=split or source.split)
+    if path is None:
+        dataset = load_dataset(source.path, source.config, split=split or source.split)
+    else:
+        dataset = load_local_dataset(path, source.config, split or source.split)
     if source.keep_row is not None:
         dataset = dataset.filter(source.keep_row)
     if num_samples is not None and num_samples < len(dataset):
         dataset = dataset.shuffle(seed=seed).select(range(num_samples))
-    return dataset.map(source.map_row, remove_columns=dataset.column_names)
+    dataset = dataset.map(source.map_row, remove_columns=dataset.column_names)
+    check_no_empty_prompts(dataset, name)
+    return dataset
+
+
+DATA_FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
+
+
+def load_local_dataset(path: str, config: str | None, split: str) -> Dataset:
+    """Rows of a named dataset from a local file or directory (see `load_named_dataset`'s `path`)."""
+    from datasets import DatasetDict, load_from_disk
+
+    if os.path.isfile(path):
+        builder = DATA_FILE_BUILDERS.get(os.path.splitext(path)[1].lower())
+        if builder is None:
+            raise ValueError(
+                f"{path}: unknown data file type; accepted: {', '.join(DATA_FILE_BUILDERS)} files or a directory"
+            )
+        return load_dataset(builder, data_files=path, split="train")
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{path}: no such file or directory (a local dataset path)")
+    if os.path.isfile(os.path.join(path, "state.json")) or os.path.isfile(os.path.join(path, "dataset_dict.json")):
+        saved = load_from_disk(path)
+        if isinstance(saved, DatasetDict):
+            if split not in saved:
+                raise ValueError(f"{path}: no split {split!r}; it has {', '.join(saved)}")
+            return saved[split]
+        return saved
+    return load_dataset(path, config, split=split)
+
+
+def parse_dataset_paths(entries: list[str] | dict[str, str] | None) -> dict[str, str]:
+    """`["name=path", ...]` (CLI) or `{name: path}` (YAML) as a dict, each name checked against the datasets.
+
+    >>> parse_dataset_paths(["dapo_math_17k=/data/dapo.parquet"])
+    {'dapo_math_17k': '/data/dapo.parquet'}
+    """
+    if not entries:
+        return {}
+    if isinstance(entries, dict):
+        pairs = list(entries.items())
+    else:
+        pairs = []
+        for entry in [entries] if isinstance(entries, str) else entries:
+            name, sep, path = str(entry).partition("=")
+            if not sep or not name.strip() or not path.strip():
+                raise ValueError(f"dataset path {entry!r} is not of the form NAME=PATH (e.g. gsm8k=/data/gsm8k.jsonl)")
+            pairs.append((name.strip(), path.strip()))
+    for name, _ in pairs:
+        if name not in DATASET_SOURCES:
+            raise ValueError(
+                f"dataset path given for {name!r}, which is not a dataset with files; accepted: "
+                f"{', '.join(sorted(DATASET_SOURCES))}"
+            )
+    return dict(pairs)
+
+
+def _prompt_is_empty(prompt) -> bool:
+    if isinstance(prompt, str):
+        return not prompt.strip()
+    # Conversational: empty when no message has content, or when it is the paper's template around no problem.
+    return prompt == _EMPTY_MATH_PROMPT or not any(str(message.get("content") or "").strip() for message in prompt)
+
+
+_EMPTY_MATH_PROMPT = math_prompt("")
+
+
+def check_no_empty_prompts(dataset: Dataset, name: str = "dataset") -> None:
+    """Refuse a dataset with empty prompts (or the math template around an empty problem), naming the rows.
+
+    TRL would otherwise fail deep inside generation with a tensor dtype error on the empty prompt.
+    """
+    empty = [i for i, prompt in enumerate(dataset["prompt"]) if _prompt_is_empty(prompt)]
+    if empty:
+        shown = ", ".join(str(i) for i in empty[:10]) + (", ..." if len(empty) > 10 else "")
+        ids = dataset.select(empty[:3])["problem_id"] if "problem_id" in dataset.column_names else []
+        raise ValueError(
+            f"{name}: {len(empty)} of {len(dataset)} rows have an empty prompt (rows {shown}"
+            + (f"; problem ids {', '.join(ids)}" if ids else "")
+            + "). Remove them from the data before training."
+        )

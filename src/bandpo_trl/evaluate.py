@@ -621,6 +621,38 @@ def resolve_backend(backend: str = "auto") -> str:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _looks_like_local_path(name: str) -> bool:
+    # A Hub id is "name" or "org/name"; anything that exists here, starts like a path or has more parts is local.
+    return os.path.exists(name) or name.startswith(("/", ".", "~")) or name.count("/") > 1 or "\\" in name
+
+
+def check_local_checkpoint(path: str, flag: str, adapter: bool = False) -> None:
+    """Fail early, naming `path` and what is missing, when a local model (or adapter) directory cannot be loaded.
+
+    Hub ids (`org/name`) are left to `from_pretrained`. Without this, a missing directory reads as "Repo id must be
+    in the form ..." and one without tokenizer files as a sentencepiece error.
+    """
+    if not _looks_like_local_path(path):
+        return
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"{flag} {path}: no such directory (expected a saved model directory or a Hub id)")
+    if adapter:
+        if not os.path.isfile(os.path.join(path, "adapter_config.json")):
+            raise FileNotFoundError(f"{flag} {path}: no adapter_config.json, so this is not a saved LoRA adapter")
+        return
+    files = set(os.listdir(path))
+    if "config.json" not in files and "adapter_config.json" not in files:
+        raise FileNotFoundError(
+            f"{flag} {path}: no config.json (nor adapter_config.json), so this is not a saved model; a training "
+            "output directory holds one once training has finished (checkpoints in checkpoint-N/)"
+        )
+    if "config.json" in files and not files & {"tokenizer.json", "tokenizer_config.json", "tokenizer.model"}:
+        raise FileNotFoundError(
+            f"{flag} {path}: no tokenizer files (tokenizer.json / tokenizer_config.json); save the tokenizer next "
+            "to the model (trainer.save_model does) or copy it there"
+        )
+
+
 def _has_tokenizer(path: str | None) -> bool:
     return bool(path) and os.path.isfile(os.path.join(path, "tokenizer_config.json"))
 
@@ -854,6 +886,8 @@ def _default_output_dir(args: EvalArguments) -> str:
 
 
 def _write_jsonl(path: str, records: Iterable[dict[str, Any]]) -> None:
+    # The output directory is created with the first file written, so a run that fails early leaves none behind.
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w", encoding="utf-8") as handle:
         for record in records:
             handle.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -878,10 +912,12 @@ def run_evaluation(args: EvalArguments, generator=None, tokenizer=None) -> dict[
     benchmarks = _expand_benchmarks(args.benchmarks)
     output_dir = args.output_dir or _default_output_dir(args)
     if generator is None:
+        check_local_checkpoint(args.model, "--model")
         model, adapter = resolve_model_and_adapter(args.model, args.adapter)
         if (model, adapter) != (args.model, args.adapter):
             args = dataclasses.replace(args, model=model, adapter=adapter)
-    os.makedirs(output_dir, exist_ok=True)
+        if args.adapter:
+            check_local_checkpoint(args.adapter, "--adapter", adapter=True)
 
     backend = "custom" if generator is not None else resolve_backend(args.backend)
     merged_dir = None
@@ -959,6 +995,7 @@ def run_evaluation(args: EvalArguments, generator=None, tokenizer=None) -> dict[
         "elapsed_s": round(time.perf_counter() - start, 3),
         "results": results,
     }
+    os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "summary.json"), "w", encoding="utf-8") as handle:
         json.dump(summary, handle, indent=2)
     summary["output_dir"] = output_dir

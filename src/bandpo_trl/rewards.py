@@ -127,8 +127,14 @@ def is_correct(text: str, gold: str) -> bool:
     return bool(verify(gold_parsed, predicted_parsed, timeout_seconds=timeout))
 
 
-def math_accuracy_reward(completions: list, answer: list[str], **kwargs) -> list[float]:
+def math_accuracy_reward(
+    completions: list, answer: list[str], log_extra: Callable[[str, list], None] | None = None, **kwargs
+) -> list[float]:
     r"""+1.0 if a completion's final answer equals its gold `answer`, else -1.0 (wrong, malformed or missing).
+
+    `log_extra` is TRL's hook for extra columns of the completions table (`log_completions=True`); given, it logs
+    the gold answer (`answer`) and the extracted one (`answer_extracted`, empty when none was found), as
+    `trl.rewards.accuracy_reward` does.
 
     >>> math_accuracy_reward(
     ...     [[{"role": "assistant", "content": "Answer: 12"}], [{"role": "assistant", "content": "Answer: 13"}]],
@@ -136,7 +142,12 @@ def math_accuracy_reward(completions: list, answer: list[str], **kwargs) -> list
     ... )
     [1.0, -1.0]
     """
-    return [1.0 if is_correct(completion_text(c), gold) else -1.0 for c, gold in zip(completions, answer, strict=True)]
+    texts = [completion_text(c) for c in completions]
+    rewards = [1.0 if is_correct(text, gold) else -1.0 for text, gold in zip(texts, answer, strict=True)]
+    if log_extra is not None:
+        log_extra("answer", [str(gold) for gold in answer])
+        log_extra("answer_extracted", [extract_answer(text) or "" for text in texts])
+    return rewards
 
 
 def format_reward(completions: list, **kwargs) -> list[float]:

@@ -115,11 +115,16 @@ def warm_up(
     learning_rate: float = 3e-3,
     batch_size: int = 64,
     seed: int = 0,
+    bf16: bool = False,
+    fp16: bool = False,
 ) -> PreTrainedModel:
     """Supervised warm-up with TRL's `SFTTrainer` on a prompt/completion `dataset` (loss on the completion only).
 
     Keep it short: the point is a policy that sometimes answers right and samples diverse answers, so that GRPO
     groups have non-zero advantages, not a solved task. Saves nothing; see `warm_up_cached` for the cached version.
+
+    `bf16`/`fp16` must be those of the RL run that follows in the same process: accelerate fixes the mixed precision
+    of a process the first time a trainer is built, and a later trainer asking for another one fails.
     """
     from trl import SFTConfig, SFTTrainer
 
@@ -131,7 +136,8 @@ def warm_up(
         warmup_steps=max(1, max_steps // 20),
         per_device_train_batch_size=batch_size,
         gradient_checkpointing=False,
-        bf16=False,
+        bf16=bf16,
+        fp16=fp16,
         use_cpu=not torch.cuda.is_available(),
         logging_steps=max(1, max_steps // 5),
         save_strategy="no",

@@ -11,10 +11,13 @@ accelerate launch --config_file recipes/accelerate_configs/zero2.yaml \\
     -m bandpo_trl.train --config recipes/Qwen2.5-3B-Instruct/bandpo/config_kl.yaml --band_delta 0.1
 ```
 
-Arguments are parsed by TRL's `TrlParser` into (`ScriptArguments`, `BandGRPOConfig`, `ModelConfig`): the recipe's
-YAML keys set the defaults and command-line flags override them. `model_name_or_path: tiny` builds the embedded
-default's model locally and warms it up (see `bandpo_trl.tiny`); anything else is loaded with
-`AutoModelForCausalLM.from_pretrained`, with LoRA when `use_peft: true`.
+Arguments are parsed by TRL's `TrlParser` into (`ScriptArguments`, `BandGRPOConfig`, `ModelConfig`,
+`TinyModelArguments`): the recipe's YAML keys set the defaults and command-line flags override them.
+`model_name_or_path: tiny` builds the embedded default's model locally and warms it up (see `bandpo_trl.tiny`).
+Any model is then handed to the trainer by its id or path with `model_init_kwargs` built from `ModelConfig`
+(dtype, attention, revision), as TRL's own GRPO script does, so TRL loads and places it (and the reference model)
+under every accelerate/DeepSpeed set-up; `load_in_4bit`/`load_in_8bit` become its `quantization_config`, and
+`use_peft: true` its `peft_config`.
 """
 
 from __future__ import annotations
@@ -22,16 +25,17 @@ from __future__ import annotations
 import logging
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 
 import torch
-from accelerate import PartialState
 from datasets import Dataset, concatenate_datasets
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
+from .checkpoints import resolve_resume_checkpoint
 from .config import BandGRPOConfig
-from .data import available_datasets, load_named_dataset
+from .data import available_datasets, load_named_dataset, parse_dataset_paths
 from .rewards import available_rewards, get_reward_funcs
 
 logger = logging.getLogger(__name__)
@@ -67,6 +71,14 @@ class ScriptArguments:
             "help": "Keep at most this many rows of each dataset (a random subset); toy_arithmetic generates this many."
         },
     )
+    dataset_paths: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Local copies of named datasets, for clusters without Hub access: NAME=PATH entries (in YAML also "
+            "a mapping name: path). PATH is a data file (.parquet, .json, .jsonl, .csv, .arrow) with the source's "
+            "columns, a `save_to_disk` directory or a local copy of the Hub repository; rows are mapped as usual."
+        },
+    )
     reward_funcs: list[str] = field(
         default_factory=lambda: ["toy_accuracy"],
         metadata={
@@ -80,18 +92,6 @@ class ScriptArguments:
             "GRPOConfig has no prompt length limit any more; dropping, not truncating, keeps every problem whole."
         },
     )
-    tiny_warmup_steps: int = field(
-        default=100,
-        metadata={"help": "model_name_or_path=tiny only: supervised warm-up steps on the toy task before RL."},
-    )
-    tiny_warmup_learning_rate: float = field(
-        default=3e-3, metadata={"help": "model_name_or_path=tiny only: learning rate of the warm-up."}
-    )
-    tiny_warmup_num_samples: int = field(
-        default=4096, metadata={"help": "model_name_or_path=tiny only: toy problems in the warm-up set."}
-    )
-    tiny_hidden_size: int = field(default=128, metadata={"help": "model_name_or_path=tiny only: hidden size."})
-    tiny_num_layers: int = field(default=2, metadata={"help": "model_name_or_path=tiny only: number of layers."})
     torch_num_threads: int | None = field(
         default=None,
         metadata={
@@ -111,12 +111,59 @@ class ScriptArguments:
         default=32, metadata={"help": "Problems per benchmark of the in-training evaluation (None: all)."}
     )
 
+    def __post_init__(self):
+        # A YAML scalar where a list is expected (`reward_funcs: toy_accuracy`) means a one-element list, not its
+        # characters.
+        for name in ("dataset_names", "reward_funcs", "eval_benchmarks"):
+            if isinstance(getattr(self, name), str):
+                setattr(self, name, [getattr(self, name)])
+        if self.dataset_num_samples is not None and self.dataset_num_samples <= 0:
+            raise ValueError(
+                f"dataset_num_samples must be a positive number of rows per dataset, got {self.dataset_num_samples}; "
+                "leave it unset to use every row (toy_arithmetic: 4096)"
+            )
+        if self.max_prompt_length is not None and self.max_prompt_length <= 0:
+            raise ValueError(f"max_prompt_length must be a positive number of tokens, got {self.max_prompt_length}")
+        if self.eval_every_steps < 0:
+            raise ValueError(f"eval_every_steps must be >= 0 (0 disables evaluation), got {self.eval_every_steps}")
+        if self.eval_benchmarks and self.eval_every_steps == 0:
+            warnings.warn(
+                f"eval_benchmarks={self.eval_benchmarks} is set but eval_every_steps=0, so no benchmark will be "
+                "evaluated during training; set eval_every_steps > 0 (e.g. 50) to evaluate every that many steps.",
+                UserWarning,
+                stacklevel=3,
+            )
+
+
+@dataclass
+class TinyModelArguments:
+    """The embedded default's model (`model_name_or_path: tiny`): its size and supervised warm-up. Ignored for any
+    other model."""
+
+    tiny_warmup_steps: int = field(
+        default=100,
+        metadata={"help": "model_name_or_path=tiny only: supervised warm-up steps on the toy task before RL."},
+    )
+    tiny_warmup_learning_rate: float = field(
+        default=3e-3, metadata={"help": "model_name_or_path=tiny only: learning rate of the warm-up."}
+    )
+    tiny_warmup_num_samples: int = field(
+        default=4096, metadata={"help": "model_name_or_path=tiny only: toy problems in the warm-up set."}
+    )
+    tiny_hidden_size: int = field(default=128, metadata={"help": "model_name_or_path=tiny only: hidden size."})
+    tiny_num_layers: int = field(default=2, metadata={"help": "model_name_or_path=tiny only: number of layers."})
+
 
 def load_train_dataset(script_args: ScriptArguments, seed: int) -> Dataset:
     """The named training datasets, mapped to (prompt, answer, problem_id), concatenated and shuffled."""
+    paths = parse_dataset_paths(script_args.dataset_paths)
     parts = [
         load_named_dataset(
-            name, split=script_args.dataset_split, num_samples=script_args.dataset_num_samples, seed=seed
+            name,
+            split=script_args.dataset_split,
+            num_samples=script_args.dataset_num_samples,
+            seed=seed,
+            path=paths.get(name),
         )
         for name in script_args.dataset_names
     ]
@@ -124,72 +171,114 @@ def load_train_dataset(script_args: ScriptArguments, seed: int) -> Dataset:
     return dataset.shuffle(seed=seed)
 
 
-def drop_long_prompts(dataset: Dataset, tokenizer, max_prompt_length: int | None) -> Dataset:
-    """Remove rows whose prompt, as the trainer will tokenize it, exceeds `max_prompt_length` tokens."""
-    if max_prompt_length is None:
-        return dataset
+def prompt_lengths(dataset: Dataset, tokenizer) -> list[int]:
+    """Each row's prompt length in tokens, as the trainer will tokenize it (chat template applied)."""
 
-    def prompt_length(row) -> int:
-        prompt = row["prompt"]
+    def length(prompt) -> int:
         if isinstance(prompt, str):
             return len(tokenizer(prompt)["input_ids"])
         return len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
 
-    kept = dataset.filter(lambda row: prompt_length(row) <= max_prompt_length)
+    return [length(prompt) for prompt in dataset["prompt"]]
+
+
+def drop_long_prompts(dataset: Dataset, tokenizer, max_prompt_length: int | None) -> Dataset:
+    """Remove rows whose prompt, as the trainer will tokenize it, exceeds `max_prompt_length` tokens.
+
+    Raises:
+        ValueError: every prompt is longer than `max_prompt_length` (the message gives the shortest length).
+    """
+    if max_prompt_length is None:
+        return dataset
+    lengths = prompt_lengths(dataset, tokenizer)
+    kept = dataset.select([i for i, n in enumerate(lengths) if n <= max_prompt_length])
+    if len(dataset) and not len(kept):
+        raise ValueError(
+            f"No training prompts left: all {len(dataset)} loaded prompts are longer than max_prompt_length="
+            f"{max_prompt_length} tokens (the shortest has {min(lengths)}). Raise max_prompt_length."
+        )
     if len(kept) < len(dataset):
-        logger.warning("Dropped %d prompts longer than %d tokens.", len(dataset) - len(kept), max_prompt_length)
+        logger.warning(
+            "Dropped %d of %d prompts longer than %d tokens.",
+            len(dataset) - len(kept),
+            len(dataset),
+            max_prompt_length,
+        )
     return kept
 
 
-def load_tiny(script_args: ScriptArguments, training_args: BandGRPOConfig) -> str:
+def check_enough_prompts(dataset: Dataset, training_args: BandGRPOConfig) -> None:
+    """Refuse a training set smaller than one generation batch: TRL's sampler would yield no batch at all and the
+    run would "train" 0 steps and save the untouched model."""
+    needed = training_args.generation_batch_size // training_args.num_generations
+    if len(dataset) < needed:
+        raise ValueError(
+            f"The training set has {len(dataset)} prompts, fewer than one generation batch needs: "
+            f"per_device_train_batch_size ({training_args.per_device_train_batch_size}) x processes "
+            f"({training_args.world_size}) x steps_per_generation ({training_args.steps_per_generation}) = "
+            f"{training_args.generation_batch_size} completions / num_generations ({training_args.num_generations}) "
+            f"= {needed} distinct prompts. Use more data (dataset_num_samples, max_prompt_length) or a smaller batch."
+        )
+
+
+def load_tiny(tiny_args: TinyModelArguments, training_args: BandGRPOConfig) -> str:
     """Build and warm up (or reuse) the embedded default's model; return the directory it is saved in."""
     from .tiny import warm_up_cached
 
     # The warm-up draws from its own stream of toy problems, not the RL prompts.
     sft = load_named_dataset(
-        "toy_arithmetic", split="warmup", num_samples=script_args.tiny_warmup_num_samples, seed=training_args.seed
+        "toy_arithmetic", split="warmup", num_samples=tiny_args.tiny_warmup_num_samples, seed=training_args.seed
     )
     sft = sft.map(lambda row: {"completion": row["answer"]}).select_columns(["prompt", "completion"])
     return warm_up_cached(
         training_args.output_dir,
         sft,
         model_kwargs={
-            "hidden_size": script_args.tiny_hidden_size,
-            "num_hidden_layers": script_args.tiny_num_layers,
+            "hidden_size": tiny_args.tiny_hidden_size,
+            "num_hidden_layers": tiny_args.tiny_num_layers,
             "seed": training_args.seed,
         },
-        max_steps=script_args.tiny_warmup_steps,
-        learning_rate=script_args.tiny_warmup_learning_rate,
+        max_steps=tiny_args.tiny_warmup_steps,
+        learning_rate=tiny_args.tiny_warmup_learning_rate,
         seed=training_args.seed,
+        # The same mixed precision as the RL trainer that follows in this process (accelerate allows only one).
+        bf16=training_args.bf16,
+        fp16=training_args.fp16,
     )
 
 
-def load_model_and_tokenizer(model_args: ModelConfig, training_args: BandGRPOConfig):
-    """The policy and its tokenizer from `model_args.model_name_or_path` (a Hub id or a local directory)."""
-    quantization_config = get_quantization_config(model_args)
-    dtype = model_args.dtype if model_args.dtype in ("auto", None) else getattr(torch, model_args.dtype)
-    model = AutoModelForCausalLM.from_pretrained(
-        model_args.model_name_or_path,
-        revision=model_args.model_revision,
-        trust_remote_code=training_args.trust_remote_code,
-        dtype=dtype,
-        attn_implementation=model_args.attn_implementation,
-        # The KV cache is useless when activations are recomputed for the backward pass.
-        use_cache=not training_args.gradient_checkpointing,
-        # Quantized weights must be placed at load time, each process on its own device.
-        device_map={"": PartialState().local_process_index} if quantization_config is not None else None,
-        quantization_config=quantization_config,
-    )
-    tokenizer = AutoTokenizer.from_pretrained(
+def model_init_kwargs(model_args: ModelConfig, training_args: BandGRPOConfig) -> dict:
+    """How TRL's trainer should load the policy (and the reference model), as TRL's own GRPO script builds it:
+    the `ModelConfig` options, updated by any `model_init_kwargs` of the recipe. The trainer then places the model
+    (device map, DeepSpeed/FSDP preparation, quantization) the way it does for any model id."""
+    kwargs = {
+        "revision": model_args.model_revision,
+        "trust_remote_code": training_args.trust_remote_code,
+        "attn_implementation": model_args.attn_implementation,
+        "dtype": model_args.dtype,
+    }
+    kwargs.update(training_args.model_init_kwargs or {})
+    return kwargs
+
+
+def load_tokenizer(model_args: ModelConfig, training_args: BandGRPOConfig):
+    """The policy's tokenizer, loaded as TRL's trainer loads it (left padding and truncation), so prompt lengths
+    can be measured before the trainer is built."""
+    return AutoTokenizer.from_pretrained(
         model_args.model_name_or_path,
         revision=model_args.model_revision,
         trust_remote_code=training_args.trust_remote_code,
         padding_side="left",
+        truncation_side="left",
     )
-    return model, tokenizer
 
 
-def train(script_args: ScriptArguments, training_args: BandGRPOConfig, model_args: ModelConfig):
+def train(
+    script_args: ScriptArguments,
+    training_args: BandGRPOConfig,
+    model_args: ModelConfig,
+    tiny_args: TinyModelArguments | None = None,
+):
     """Build the model, data, rewards and trainer from the parsed arguments, train, save; return the trainer."""
     from . import BandGRPOTrainer
 
@@ -202,12 +291,15 @@ def train(script_args: ScriptArguments, training_args: BandGRPOConfig, model_arg
             raise ValueError(f"Unknown dataset {name!r}. Known datasets: {', '.join(available_datasets())}")
 
     if model_args.model_name_or_path == TINY_MODEL_NAME:
-        model_args.model_name_or_path = load_tiny(script_args, training_args)
-    model, tokenizer = load_model_and_tokenizer(model_args, training_args)
+        model_args.model_name_or_path = load_tiny(tiny_args or TinyModelArguments(), training_args)
+    tokenizer = load_tokenizer(model_args, training_args)
+    training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
 
     train_dataset = drop_long_prompts(
         load_train_dataset(script_args, training_args.seed), tokenizer, script_args.max_prompt_length
     )
+    check_enough_prompts(train_dataset, training_args)
+    resume_from = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
 
     callbacks = []
     if script_args.eval_every_steps > 0 and script_args.eval_benchmarks:
@@ -227,15 +319,22 @@ def train(script_args: ScriptArguments, training_args: BandGRPOConfig, model_arg
         )
 
     trainer = BandGRPOTrainer(
-        model=model,
+        model=model_args.model_name_or_path,
         reward_funcs=reward_funcs,
         args=training_args,
         train_dataset=train_dataset,
         processing_class=tokenizer,
+        quantization_config=get_quantization_config(model_args),
         peft_config=get_peft_config(model_args),
         callbacks=callbacks or None,
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume_from)
+    if trainer.state.global_step == 0:
+        # Nothing was trained: saving the untouched model as this run's output would report a success.
+        raise RuntimeError(
+            f"Training ran 0 optimizer steps (max_steps={training_args.max_steps}, num_train_epochs="
+            f"{training_args.num_train_epochs}, {len(train_dataset)} prompts); nothing was saved."
+        )
 
     trainer.save_model(training_args.output_dir)  # model (or LoRA adapter) and tokenizer
     trainer.save_state()  # trainer_state.json: the full log history
@@ -257,14 +356,18 @@ def train(script_args: ScriptArguments, training_args: BandGRPOConfig, model_arg
 
 
 def make_parser() -> TrlParser:
-    return TrlParser((ScriptArguments, BandGRPOConfig, ModelConfig))
+    """The recipe parser: (`ScriptArguments`, `BandGRPOConfig`, `ModelConfig`, `TinyModelArguments`)."""
+    return TrlParser((ScriptArguments, BandGRPOConfig, ModelConfig, TinyModelArguments))
 
 
-def main(argv: list[str] | None = None):
-    """`bandpo-train` / `python -m bandpo_trl.train`: parse `--config recipe.yaml` plus overrides and train."""
-    script_args, training_args, model_args = make_parser().parse_args_and_config(args=argv)
-    return train(script_args, training_args, model_args)
+def main(argv: list[str] | None = None) -> int:
+    """`bandpo-train` / `python -m bandpo_trl.train`: parse `--config recipe.yaml` plus overrides and train.
+
+    Returns the exit status, 0 (every failure raises); `train` returns the trainer for programmatic use."""
+    script_args, training_args, model_args, tiny_args = make_parser().parse_args_and_config(args=argv)
+    train(script_args, training_args, model_args, tiny_args)
+    return 0
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))
