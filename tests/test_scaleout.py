@@ -26,7 +26,9 @@ from accelerate.commands.launch import _validate_launch_command, launch_command_
 from accelerate.utils.launch import _filter_args, prepare_deepspeed_cmd_env, prepare_multi_gpu_env
 from torch.distributed.run import get_args_parser as torchrun_parser
 from torch.distributed.run import get_rdzv_endpoint
+from trl import ModelConfig
 
+from bandpo_trl.config import BandGRPOConfig
 from bandpo_trl.train import make_parser
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
@@ -67,10 +69,16 @@ def read_yaml(path):
 
 
 def parse_training(argv: list[str]):
-    """`bandpo_trl.train`'s parser on the arguments after `-m bandpo_trl.train` (+ use_cpu: bf16 needs a GPU here)."""
+    """`bandpo_trl.train`'s parser on the arguments after `-m bandpo_trl.train` (+ use_cpu: bf16 needs a GPU here):
+    (script arguments, BandGRPOConfig, ModelConfig)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return make_parser().parse_args_and_config(args=[*argv, "--use_cpu", "true"])
+        parsed = make_parser().parse_args_and_config(args=[*argv, "--use_cpu", "true"])
+    return (
+        parsed[0],
+        next(a for a in parsed if isinstance(a, BandGRPOConfig)),
+        next(a for a in parsed if isinstance(a, ModelConfig)),
+    )
 
 
 def parse_launch(argv: list[str]):
