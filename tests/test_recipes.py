@@ -231,6 +231,8 @@ def test_accelerate_config_loads(path):
         assert fsdp["fsdp_reshard_after_forward"] is True  # FSDP2's bool form of FULL_SHARD
         assert fsdp["fsdp_activation_checkpointing"] is False  # the recipes' gradient_checkpointing does it
         assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # checkpoints `bandpo-eval` and vLLM can load
+        # TRL's FSDP2 reference model would get no weights on ranks > 0 (see the comment in fsdp2.yaml).
+        assert fsdp["fsdp_cpu_ram_efficient_loading"] is False
 
 
 def test_accelerate_configs_are_the_documented_ones():

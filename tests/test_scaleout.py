@@ -426,6 +426,7 @@ def test_accelerate_config_with_multinode_overrides(config, nodes):
             assert env["FSDP_VERSION"] == "2" and env["FSDP_RESHARD_AFTER_FORWARD"] == "true"
             assert env["FSDP_AUTO_WRAP_POLICY"] == "TRANSFORMER_BASED_WRAP"
             assert env["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT"
+            assert env["FSDP_CPU_RAM_EFFICIENT_LOADING"] == "false"  # see fsdp2.yaml: TRL's reference model
             # The recipes' gradient_checkpointing does the recomputation; transformers refuses both at once.
             assert env["FSDP_ACTIVATION_CHECKPOINTING"] == "false"
 
