@@ -197,7 +197,7 @@ def test_unknown_recipe_key_is_an_error(tmp_path):
 
 
 def test_command_line_overrides_the_recipe():
-    _, args, _ = make_parser().parse_args_and_config(
+    _, args, *_ = make_parser().parse_args_and_config(
         args=[
             "--config",
             os.path.join(RECIPES, "tiny/bandpo/config_kl.yaml"),
