@@ -729,3 +729,98 @@ def test_bad_logps(logps, kind):
 def test_bad_dcpo_epsilon(name, value):
     with pytest.raises(ValueError, match=rf"{name} must be a finite number > 0, got {re.escape(repr(value))}"):
         dcpo_bounds(torch.zeros(3), **{name: value})
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generator checks at registration (issue 12): a generator that would disable or freeze clipping is refused
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def js_generator(u):
+    return 0.5 * (torch.xlogy(u, u) - torch.xlogy(u + 1, (u + 1) / 2))
+
+
+@pytest.mark.parametrize(
+    "f, message",
+    [
+        (lambda u: -(u - 1).square(), r"must be non-negative, got f\(0\) = -1"),
+        (lambda u: torch.minimum((u - 1).abs(), torch.ones_like(u)), r"must be convex, but f\(\S+\) = \S+ lies above"),
+        (
+            lambda u: torch.log(u) - u + 1,
+            r"must be finite on \(0, inf\) \(only f\(0\) may be \+inf\), got f\(0\) = -inf",
+        ),
+        (lambda u: u * math.nan, r"must be finite on \(0, inf\).*got f\(0\) = nan"),
+        (lambda u: u * torch.log(u) - u + 1, r"got f\(0\) = nan \(for u log u, torch.xlogy\(u, u\) gives the limit 0"),
+        (lambda u: torch.ones_like(u), r"must satisfy f\(1\) = 0, got f\(1\) = 1"),
+        (lambda u: (u - 1).square() + 0.1, r"must satisfy f\(1\) = 0, got f\(1\) = 0.1"),
+        (lambda u: torch.zeros_like(u), r"identically 0 on \[0, 1e6\].*no trust region"),
+        (lambda u: torch.xlogy(u, u), r"must be non-negative, got f\(1e-06\) = -1.38155e-05.*u log u - u \+ 1"),
+        (
+            lambda u: (u - 1).square().sum(),
+            r"not elementwise: it must return a tensor shaped like its input, got shape \(\)",
+        ),
+        (lambda u: (u - u.mean()).square(), r"not elementwise: at u = \S+ it gives \S+ on the full grid but \S+ in a"),
+        (
+            lambda u: (u - 1).square().flatten(),
+            r"not elementwise: .*got shape \(150,\) for an input of shape \(2, 75\)",
+        ),
+        (lambda u: (u - 1).square() * torch.arange(u.numel()).reshape(u.shape), r"not elementwise"),
+        (lambda u: 0.0, r"must return a floating-point torch.Tensor .* got float"),
+        (lambda u: (u > 1).long(), r"must return a floating-point torch.Tensor .* got torch.int64"),
+        (lambda u: u.numpy(), r"got ndarray"),
+        (lambda u: u.undefined_method(), r"raised AttributeError: .*undefined_method"),
+    ],
+)
+def test_register_refuses_bad_generators(f, message):
+    name = "test_band_bad_generator"
+    try:
+        with pytest.raises(ValueError, match=rf"divergence '{name}': (the generator f )?.*{message}"):
+            register_divergence(name, f)
+        assert name not in available_divergences()
+        # Replacing an existing divergence with a bad generator leaves the registered one in place.
+        with pytest.raises(ValueError, match=message):
+            register_divergence("chi2", f, overwrite=True)
+        assert band_module.get_divergence("chi2").odds_bounds is not None
+    finally:
+        band_module._REGISTRY.pop(name, None)
+
+
+@pytest.mark.parametrize(
+    "f",
+    [
+        js_generator,  # README and notebook 02
+        lambda u: 0.5 * (u - 1).abs(),  # piecewise linear: convex with equality on each side of the kink
+        lambda u: (u - 1).square().float(),  # float32 arithmetic is fine (the check runs on float64 inputs)
+        lambda u: (torch.sqrt(u) - 1).square() + 0 * u.sum(),  # a reduction that does not change values
+        lambda u: u - 1 - torch.log(u),  # f(0) = +inf
+        lambda u: torch.xlogy(u, u) - u + 1,
+        lambda u: torch.relu(u - 2),  # zero on [0, 2]: a valid (if odd) divergence
+        lambda u: 1e-6 * (u - 1).square(),  # small but not zero
+    ],
+)
+def test_register_accepts_valid_generators(f):
+    try:
+        register_divergence("test_band_good_generator", f)
+        lower, upper = band_bounds(torch.log(torch.tensor([0.01, 0.5, 0.99])), "test_band_good_generator", 0.05)
+        assert (lower <= 1).all() and (upper >= 1).all()
+    finally:
+        band_module._REGISTRY.pop("test_band_good_generator", None)
+
+
+def test_builtin_generators_pass_the_check():
+    for name in BUILTIN:
+        band_module.check_generator(name, band_module.get_divergence(name).f)
+
+
+def test_generator_check_calls_f_twice_on_small_tensors():
+    calls = []
+
+    def f(u):
+        calls.append(tuple(u.shape))
+        return (u - 1).square()
+
+    try:
+        register_divergence("test_band_counted", f)
+    finally:
+        band_module._REGISTRY.pop("test_band_counted", None)
+    assert calls == [(202,), (2, 75)]

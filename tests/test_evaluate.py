@@ -7,6 +7,7 @@ base model with swapped answers (mean@k = 0) into one with the right answers.
 
 from __future__ import annotations
 
+import functools
 import importlib.machinery
 import importlib.util
 import json
@@ -14,13 +15,13 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 import types
 from pathlib import Path
 
 import pytest
 import torch
 
-from bandpo_trl import evaluate
 from bandpo_trl.evaluate import (
     BenchmarkEvalCallback,
     Completion,
@@ -36,6 +37,7 @@ from bandpo_trl.evaluate import (
     sampling_generation_config,
     score_completions,
 )
+from bandpo_trl.evaluation import generation
 from bandpo_trl.metrics import mean_at_k, pass_at_k, problem_pass_at_k
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -262,6 +264,72 @@ def test_encode_prompt_plain_and_conversational(tiny_model_dir):
     assert tokenizer.decode(encode_prompt(tokenizer, messages)) == "user: 2+2?\nassistant: "
 
 
+# A Qwen3-style template: `enable_thinking=False` (a chat_template_kwargs entry) pre-fills an empty thinking block.
+THINKING_TEMPLATE = (
+    "{% for message in messages %}{{ message['role'] }}: {{ message['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}assistant: "
+    "{% if enable_thinking is defined and enable_thinking is false %}<think>\n\n</think>\n\n{% endif %}{% endif %}"
+)
+NO_THINKING = {"enable_thinking": False}
+
+
+def _thinking_tokenizer():
+    from bandpo_trl.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = THINKING_TEMPLATE
+    return tokenizer
+
+
+def test_encode_prompt_passes_chat_template_kwargs_like_trl():
+    tokenizer = _thinking_tokenizer()
+    messages = [{"role": "user", "content": "1+1="}]
+    assert tokenizer.decode(encode_prompt(tokenizer, messages)) == "user: 1+1=\nassistant: "
+    ids = encode_prompt(tokenizer, messages, NO_THINKING)
+    assert tokenizer.decode(ids) == "user: 1+1=\nassistant: <think>\n\n</think>\n\n"
+    # GRPOTrainer's own call (trl 1.16, `_tokenize_prompts`): the batch form with `**self.chat_template_kwargs`.
+    trl_ids = tokenizer.apply_chat_template(
+        conversation=[messages], add_generation_prompt=True, tokenize=True, return_dict=True, **NO_THINKING
+    )["input_ids"][0]
+    assert ids == list(trl_ids)
+    assert encode_prompt(tokenizer, messages, '{"enable_thinking": false}') == ids  # the JSON form of the CLI
+    assert encode_prompt(tokenizer, "1+1=", NO_THINKING) == encode_prompt(tokenizer, "1+1=")  # no template: unchanged
+
+
+def test_chat_template_kwargs_argument_from_the_cli_and_yaml(tmp_path):
+    from trl import TrlParser
+
+    assert EvalArguments(model="m").chat_template_kwargs == {}
+    assert EvalArguments(model="m", chat_template_kwargs='{"enable_thinking": false}').chat_template_kwargs == (
+        NO_THINKING
+    )
+    for bad in ["enable_thinking=False", "[1, 2]"]:
+        with pytest.raises(ValueError, match="chat_template_kwargs"):
+            EvalArguments(model="m", chat_template_kwargs=bad)
+    parser = TrlParser(dataclass_types=[EvalArguments])
+    (args,) = parser.parse_args_and_config(
+        args=["--model", "m", "--chat_template_kwargs", '{"enable_thinking": false}']
+    )
+    assert args.chat_template_kwargs == NO_THINKING
+    config = tmp_path / "eval.yaml"
+    config.write_text("model: m\nchat_template_kwargs:\n  enable_thinking: false\n")
+    (args,) = parser.parse_args_and_config(args=["--config", str(config)])
+    assert args.chat_template_kwargs == NO_THINKING
+
+
+def test_benchmark_prompts_get_the_chat_template_kwargs():
+    from datasets import Dataset
+
+    tokenizer = _thinking_tokenizer()
+    dataset = Dataset.from_dict({"prompt": [[{"role": "user", "content": "1+1="}]], "answer": ["2"]})
+    thinking_off = "user: 1+1=\nassistant: <think>\n\n</think>\n\n"
+    generator = ScriptedGenerator(tokenizer, {thinking_off: ["Answer: 2", "Answer: 3"]})
+    result = evaluate_benchmark("chat", dataset, generator, tokenizer, k=2, chat_template_kwargs=NO_THINKING)
+    assert result.records[0]["correct"] == [True, False]
+    with pytest.raises(KeyError):  # without them, the prompt is not the one training saw
+        evaluate_benchmark("chat", dataset, generator, tokenizer, k=2)
+
+
 def test_transformers_generator_left_padding_and_batching(tiny_model_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -324,11 +392,11 @@ def test_resolve_backend(monkeypatch):
     with pytest.raises(ImportError, match="vllm"):
         resolve_backend("vllm")
     monkeypatch.setattr(importlib.util, "find_spec", find_spec(True))
-    monkeypatch.setattr(evaluate, "_cuda_available", lambda: False)
+    monkeypatch.setattr(generation, "_cuda_available", lambda: False)
     assert resolve_backend("auto") == "transformers"
     with pytest.raises(RuntimeError, match="CUDA"):
         resolve_backend("vllm")
-    monkeypatch.setattr(evaluate, "_cuda_available", lambda: True)
+    monkeypatch.setattr(generation, "_cuda_available", lambda: True)
     assert resolve_backend("auto") == "vllm"
     with pytest.raises(ValueError):
         resolve_backend("tgi")
@@ -470,8 +538,18 @@ def test_cli_random_model_records_are_consistent_and_reproducible(tiny_model_dir
     assert all(t <= 5 for r in records for t in r["completion_tokens"])
 
 
-def test_lora_adapter_through_the_cli(base_and_adapter_dirs, tmp_path):
+def test_lora_adapter_through_the_cli(base_and_adapter_dirs, tmp_path, monkeypatch):
+    import peft
+
     base, adapter = base_and_adapter_dirs
+    loaded_with_auto_peft = []
+    original = peft.AutoPeftModelForCausalLM.from_pretrained.__func__
+
+    def spy(cls, path, *args, **kwargs):
+        loaded_with_auto_peft.append(str(path))
+        return original(cls, path, *args, **kwargs)
+
+    monkeypatch.setattr(peft.AutoPeftModelForCausalLM, "from_pretrained", classmethod(spy))
     main(_toy_cli_args(base, tmp_path / "base"))
     assert _read_results(tmp_path / "base")[1]["results"]["toy_arithmetic"]["mean@4"] == 0.0
     # --adapter, and the default output directory <adapter>/eval
@@ -486,27 +564,33 @@ def test_lora_adapter_through_the_cli(base_and_adapter_dirs, tmp_path):
     assert resolve_model_and_adapter(str(adapter)) == (str(base), str(adapter))
     main(_toy_cli_args(adapter, tmp_path / "as-model"))
     assert _read_results(tmp_path / "as-model")[0] == records
+    # The transformers backend merges in memory: peft's AutoPeftModelForCausalLM (base recorded in the adapter).
+    assert loaded_with_auto_peft == [str(adapter), str(adapter)]
 
 
-def test_vllm_backend_code_path_with_a_stand_in_vllm(oracle_model_dir, base_and_adapter_dirs, tmp_path, monkeypatch):
-    """vLLM is not installed here: a stand-in module checks what the backend hands vLLM and how it reads the outputs."""
+def install_stand_in_vllm(monkeypatch, answers, adapter_answers=None, seen=None):
+    """A stand-in `vllm` package (vLLM is not installed here) that records what it is handed and answers each prompt
+    from `answers` (prompt text -> completion), or from `adapter_answers` when a LoRARequest comes with the call."""
     from transformers import AutoTokenizer
 
-    seen = {}
+    seen = {} if seen is None else seen
 
     class LLM:
         def __init__(self, model, tokenizer, **kwargs):
-            assert os.path.isfile(os.path.join(model, "config.json"))  # a full (merged) checkpoint
+            assert os.path.isfile(os.path.join(model, "config.json"))  # a full checkpoint: the base model
             seen["llm"] = dict(model=model, tokenizer=tokenizer, **kwargs)
             self.tokenizer = AutoTokenizer.from_pretrained(tokenizer)
 
-        def generate(self, prompts, params, use_tqdm=True):
+        def generate(self, prompts, params, use_tqdm=True, lora_request=None):
             seen.setdefault("prompts", []).extend(p["prompt_token_ids"] for p in prompts)
             seen["params"] = params.kwargs
-            answers = dict(toy_pairs_for_stub)
+            seen.setdefault("lora_requests", []).append(lora_request)
+            if lora_request is not None:  # vLLM refuses a LoRARequest unless LoRA was enabled
+                assert seen["llm"].get("enable_lora") is True and seen["llm"].get("max_lora_rank", 0) >= 1
+            table = adapter_answers if lora_request is not None else answers
             out = []
             for p in prompts:
-                gold = answers[self.tokenizer.decode(p["prompt_token_ids"])]
+                gold = table[self.tokenizer.decode(p["prompt_token_ids"])]
                 sample = types.SimpleNamespace(text=gold, token_ids=[0] * (len(gold) + 1), finish_reason="stop")
                 out.append(types.SimpleNamespace(outputs=[sample] * params.kwargs["n"]))
             return out
@@ -515,13 +599,29 @@ def test_vllm_backend_code_path_with_a_stand_in_vllm(oracle_model_dir, base_and_
         def __init__(self, **kwargs):
             self.kwargs = kwargs
 
-    toy_pairs_for_stub = list(zip(_toy_problems()["prompt"], _toy_problems()["answer"]))
-    vllm = types.ModuleType("vllm")
-    vllm.LLM, vllm.SamplingParams = LLM, SamplingParams
-    vllm.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
-    monkeypatch.setitem(sys.modules, "vllm", vllm)
-    monkeypatch.setattr(evaluate, "_cuda_available", lambda: True)  # what a GPU machine with vLLM looks like
+    class LoRARequest:  # vllm.lora.request.LoRARequest(lora_name, lora_int_id, lora_path)
+        def __init__(self, lora_name, lora_int_id, lora_path):
+            self.lora_name, self.lora_int_id, self.lora_path = lora_name, lora_int_id, lora_path
 
+    modules = {name: types.ModuleType(name) for name in ("vllm", "vllm.lora", "vllm.lora.request")}
+    modules["vllm"].LLM, modules["vllm"].SamplingParams = LLM, SamplingParams
+    modules["vllm.lora.request"].LoRARequest = LoRARequest
+    modules["vllm"].lora, modules["vllm.lora"].request = modules["vllm.lora"], modules["vllm.lora.request"]
+    for name, module in modules.items():
+        module.__spec__ = importlib.machinery.ModuleSpec(name, None, is_package=name != "vllm.lora.request")
+        if name != "vllm.lora.request":
+            module.__path__ = []
+        monkeypatch.setitem(sys.modules, name, module)
+    monkeypatch.setattr(generation, "_cuda_available", lambda: True)  # what a GPU machine with vLLM looks like
+    return seen
+
+
+def test_vllm_backend_code_path_with_a_stand_in_vllm(oracle_model_dir, tmp_path, monkeypatch):
+    """What the vLLM backend hands vLLM and how it reads the outputs, through the stand-in."""
+    from transformers import AutoTokenizer
+
+    toy_pairs_for_stub = list(zip(_toy_problems()["prompt"], _toy_problems()["answer"]))
+    seen = install_stand_in_vllm(monkeypatch, answers=dict(toy_pairs_for_stub))
     main([*_toy_cli_args(oracle_model_dir, tmp_path / "v"), "--backend", "auto"])
     records, summary = _read_results(tmp_path / "v")
     assert summary["backend"] == "vllm" and summary["results"]["toy_arithmetic"]["mean@4"] == 1.0
@@ -529,12 +629,54 @@ def test_vllm_backend_code_path_with_a_stand_in_vllm(oracle_model_dir, base_and_
     assert seen["params"] == {"n": 4, "temperature": 1.0, "top_p": 1.0, "max_tokens": 5}
     tokenizer = AutoTokenizer.from_pretrained(oracle_model_dir)
     assert seen["prompts"] == [encode_prompt(tokenizer, p) for p, _ in toy_pairs_for_stub]
+    assert seen["lora_requests"] == [None] and "enable_lora" not in seen["llm"]  # no adapter: no LoRA
 
-    # With an adapter, vLLM serves a temporary merged checkpoint, removed afterwards.
+
+def test_vllm_backend_serves_a_lora_adapter_natively(base_and_adapter_dirs, tmp_path, monkeypatch):
+    """With an adapter, vLLM loads the base model with LoRA enabled and gets the adapter as a LoRARequest with every
+    generate call: no merged checkpoint is written, to a temporary directory or anywhere."""
+    from transformers import PreTrainedModel
+
     base, adapter = base_and_adapter_dirs
-    main([*_toy_cli_args(base, tmp_path / "va", "--adapter", str(adapter)), "--backend", "vllm"])
-    merged = seen["llm"]["model"]
-    assert merged != str(base) and seen["llm"]["tokenizer"] == merged and not os.path.exists(merged)
+    pairs = list(zip(_toy_problems()["prompt"], _toy_problems()["answer"]))
+    swapped = dict(zip([p for p, _ in pairs], [a for _, a in pairs][::-1]))
+    # Without the adapter the stand-in answers as the base model does (the swapped answers), with it as the adapter.
+    seen = install_stand_in_vllm(monkeypatch, answers=swapped, adapter_answers=dict(pairs))
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
+
+    def no_saving(*args, **kwargs):
+        raise AssertionError("the vLLM backend must not write a merged checkpoint")
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", no_saving)
+    runs = {
+        "va": _toy_cli_args(base, tmp_path / "va", "--adapter", str(adapter)),
+        "vm": _toy_cli_args(adapter, tmp_path / "vm"),
+    }
+    for out, cli in runs.items():  # --model BASE --adapter ADAPTER, and the adapter directory as --model
+        seen.clear()
+        main([*cli, "--backend", "vllm"])
+        _, summary = _read_results(tmp_path / out)
+        assert summary["results"]["toy_arithmetic"]["mean@4"] == 1.0  # the adapter's answers: the LoRARequest arrived
+        assert seen["llm"]["model"] == str(base) and seen["llm"]["tokenizer"] == str(base)  # no tokenizer in adapter/
+        assert seen["llm"]["enable_lora"] is True and seen["llm"]["max_lora_rank"] == 8  # the adapter's r=8
+        (request,) = seen["lora_requests"]
+        assert (request.lora_path, request.lora_int_id) == (str(adapter), 1)
+    assert os.listdir(scratch) == []  # no temporary directory either
+
+    # max_lora_rank: the adapter's largest rank rounded up to a value vLLM accepts, or the flag.
+    config_path = adapter / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    for r, rank_pattern, expected in [(8, {}, 8), (12, {}, 16), (8, {"q_proj": 40}, 64), (1, {}, 1)]:
+        config_path.write_text(json.dumps({**config, "r": r, "rank_pattern": rank_pattern}))
+        assert generation.vllm_max_lora_rank(str(adapter)) == expected
+    config_path.write_text(json.dumps({**config, "r": 600}))
+    with pytest.raises(ValueError, match="600"):
+        generation.vllm_max_lora_rank(str(adapter))
+    config_path.write_text(json.dumps(config))
+    main([*runs["va"], "--backend", "vllm", "--vllm_max_lora_rank", "32"])
+    assert seen["llm"]["max_lora_rank"] == 32
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -542,7 +684,8 @@ def test_vllm_backend_code_path_with_a_stand_in_vllm(oracle_model_dir, base_and_
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def test_callback_logs_benchmark_metrics_during_training(oracle_model_dir, tmp_path):
+@pytest.mark.parametrize("attached", [False, True], ids=["callbacks=", "attach"])
+def test_callback_logs_benchmark_metrics_during_training(oracle_model_dir, tmp_path, attached):
     from datasets import Dataset
     from trl import GRPOConfig, GRPOTrainer
 
@@ -573,6 +716,8 @@ def test_callback_logs_benchmark_metrics_during_training(oracle_model_dir, tmp_p
         train_dataset=Dataset.from_dict({"prompt": ["1+1=", "2+2="] * 4, "answer": ["2", "4"] * 4}),
         callbacks=[callback],
     )
+    if attached:  # first in line, and generation through the trainer (unwrap_model_for_generation)
+        callback.attach(trainer)
     trainer.train()
     logged = [entry for entry in trainer.state.log_history if "eval/toy_arithmetic/mean@2" in entry]
     assert [entry["step"] for entry in logged] == [2, 4]  # every 2 steps, besides the regular logs at step 3
@@ -632,3 +777,265 @@ def test_callback_leaves_the_training_rng_alone_and_can_be_disabled(tiny_model_d
     train_state.global_step = 5
     disabled.on_step_end(None, train_state, control, model=model, processing_class=tokenizer)
     assert not control.should_log and disabled.history == []
+
+
+def test_callback_encodes_prompts_with_the_trainer_chat_template_kwargs(tiny_model_dir):
+    """`on_step_end` takes the trainer's `args.chat_template_kwargs` (GRPOConfig), as GRPOTrainer encodes prompts."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, TrainerControl, TrainerState
+    from trl import GRPOConfig
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = _thinking_tokenizer()
+    seen = []
+    original = model.generate
+
+    def recording_generate(*args, **kwargs):
+        seen.extend(
+            tokenizer.decode(row[mask.bool()]) for row, mask in zip(kwargs["input_ids"], kwargs["attention_mask"])
+        )
+        return original(*args, **kwargs)
+
+    model.generate = recording_generate
+    chat = Dataset.from_dict({"prompt": [[{"role": "user", "content": "1+1="}]], "answer": ["2"]})
+    state = TrainerState()
+    state.global_step = 1
+    for config_kwargs, own, expected in [
+        ('{"enable_thinking": false}', None, "<think>\n\n</think>\n\n"),  # GRPOConfig parses the JSON string
+        (None, None, ""),
+        ('{"enable_thinking": false}', {"enable_thinking": True}, ""),  # the callback's own value wins
+    ]:
+        args = GRPOConfig(
+            output_dir=str(tiny_model_dir), chat_template_kwargs=config_kwargs, report_to="none", use_cpu=True
+        )
+        callback = BenchmarkEvalCallback(
+            ["chat"], 1, k=1, max_new_tokens=1, datasets={"chat": chat}, save_results=False, show_progress=False,
+            chat_template_kwargs=own,
+        )  # fmt: skip
+        seen.clear()
+        callback.on_step_end(args, state, TrainerControl(), model=model, processing_class=tokenizer)
+        assert seen == ["user: 1+1=\nassistant: " + expected]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The callback on TRL's utilities: split / gather, unwrap_model_for_generation, the trainer's vLLM engine
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _records_before(callback, model, tokenizer):
+    """What the callback computed before the split/gather rewrite, on one process: each benchmark sampled whole, in
+    turn, under one `torch.manual_seed(seed + rank)` in a forked RNG state."""
+    from bandpo_trl.evaluation.scoring import summarize_benchmark
+
+    expected = {}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(callback.seed)
+        generator = TransformersGenerator(
+            model, tokenizer, temperature=callback.temperature, top_p=callback.top_p, top_k=callback.top_k,
+            max_new_tokens=callback.max_new_tokens, batch_size=callback.batch_size, show_progress=False,
+        )  # fmt: skip
+        for name in callback.benchmarks:
+            dataset = callback._dataset(name)
+            result = evaluate_benchmark(name, dataset, generator, tokenizer, k=callback.k, show_progress=False)
+            records = json.loads(json.dumps(result.records))  # as written to the .jsonl file
+            expected[name] = records, summarize_benchmark(records, callback.k, callback.pass_k)
+    return expected
+
+
+def _grpo_trainer(model_dir, tmp_path, **config):
+    from datasets import Dataset
+    from trl import GRPOConfig, GRPOTrainer
+
+    from bandpo_trl.rewards import toy_accuracy_reward
+
+    args = GRPOConfig(
+        output_dir=str(tmp_path / "run"), use_cpu=True, bf16=False, report_to="none", per_device_train_batch_size=2,
+        num_generations=2, max_completion_length=4, max_steps=1, save_strategy="no", disable_tqdm=True, **config,
+    )  # fmt: skip
+    dataset = Dataset.from_dict({"prompt": ["1+1=", "2+2="], "answer": ["2", "4"]})
+    return GRPOTrainer(model=str(model_dir), reward_funcs=toy_accuracy_reward, args=args, train_dataset=dataset)
+
+
+def test_callback_split_and_gather_on_one_process_gives_the_records_of_before(tiny_model_dir, tmp_path, monkeypatch):
+    """On one process, split_between_processes hands over every problem and gather_object gives them back: the same
+    samples, records and metrics as before, with or without the trainer (unwrap_model_for_generation, once)."""
+    from bandpo_trl.evaluation import callback as callback_module
+
+    trainer = _grpo_trainer(tiny_model_dir, tmp_path)
+    tokenizer = trainer.processing_class
+    unwraps = []
+    original = callback_module.unwrap_model_for_generation
+
+    def spy(model, accelerator, **kwargs):
+        unwraps.append((model, kwargs["gather_deepspeed3_params"]))
+        return original(model, accelerator, **kwargs)
+
+    monkeypatch.setattr(callback_module, "unwrap_model_for_generation", spy)
+    from datasets import Dataset
+
+    chat = Dataset.from_dict(
+        {"prompt": [[{"role": "user", "content": f"{i}+{i}="}] for i in range(4)], "answer": ["0", "2", "4", "6"]}
+    )
+    kwargs = dict(k=3, num_problems=3, max_new_tokens=4, temperature=1.0, seed=7, pass_k=[1, 3])
+    kwargs["datasets"] = {"chat": chat}
+    expected = _records_before(
+        BenchmarkEvalCallback(["toy_arithmetic", "chat"], 1, **kwargs), trainer.model, tokenizer
+    )
+    for attached in (False, True):
+        callback = BenchmarkEvalCallback(["toy_arithmetic", "chat"], 1, **kwargs)
+        if attached:
+            callback.attach(trainer)
+            assert trainer.callback_handler.callbacks[0] is callback
+        out = tmp_path / f"attached-{attached}"
+        metrics = callback.evaluate(trainer.model, tokenizer, step=1, output_dir=str(out), show_progress=False)
+        for name, (records, summary) in expected.items():
+            assert [json.loads(line) for line in open(out / f"{name}.jsonl")] == records
+            assert metrics[f"eval/{name}/mean@3"] == summary["mean@3"]
+            assert metrics[f"eval/{name}/pass@1"] == summary["pass@1"]
+            assert metrics[f"eval/{name}/pass@3"] == summary["pass@3"]
+        # TRL's unwrap, once for the whole evaluation (ZeRO-3: one parameter gathering), with the trainer only.
+        assert unwraps == ([(trainer.model_wrapped, True)] if attached else [])
+    # Another model than the trainer's (e.g. a reloaded checkpoint) generates itself.
+    from transformers import AutoModelForCausalLM
+
+    other = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    callback.evaluate(other, tokenizer, show_progress=False)
+    assert len(unwraps) == 1
+
+
+@pytest.mark.parametrize("world", [2, 3, 4])
+@pytest.mark.parametrize("n", [1, 2, 5, 7])
+def test_callback_shards_cover_every_problem_once(world, n):
+    """The sharding of several processes, simulated with accelerate's own split: equal shares (lockstep), and the
+    gathered records merge back to every problem once, in order."""
+    from accelerate import PartialState
+
+    from bandpo_trl.evaluation.callback import merge_shards
+
+    shares = []
+    for rank in range(world):
+        fake_state = types.SimpleNamespace(num_processes=world, process_index=rank)
+        with PartialState.split_between_processes(fake_state, list(range(n)), apply_padding=True) as share:
+            shares.append(list(share))
+    assert len({len(share) for share in shares}) == 1  # the same number of generate calls on every process
+    gathered = [(i, f"record of {i} on rank {rank}") for rank, share in enumerate(shares) for i in share]
+    merged = merge_shards(gathered)
+    assert [record.split()[2] for record in merged] == [str(i) for i in range(n)]
+
+
+def _stand_in_sampling_params(monkeypatch):
+    class SamplingParams:
+        def __init__(self, **kwargs):
+            self.kwargs = kwargs
+
+    vllm = types.ModuleType("vllm")
+    vllm.SamplingParams = SamplingParams
+    vllm.__spec__ = importlib.machinery.ModuleSpec("vllm", None)
+    monkeypatch.setitem(sys.modules, "vllm", vllm)
+
+
+class FakeColocatedLLM:
+    """The trainer's colocated `vllm.LLM`, standing in: answers every toy prompt right, records the calls."""
+
+    def __init__(self, tokenizer, answers):
+        self.tokenizer, self.answers, self.calls, self.events = tokenizer, answers, [], []
+
+    def generate(self, prompts, sampling_params, use_tqdm=True, **kwargs):
+        self.calls.append(([p["prompt_token_ids"] for p in prompts], sampling_params.kwargs, kwargs))
+        out = []
+        for p in prompts:
+            gold = self.answers[self.tokenizer.decode(p["prompt_token_ids"])]
+            sample = types.SimpleNamespace(text=gold, token_ids=[0] * (len(gold) + 1), finish_reason="stop")
+            out.append(types.SimpleNamespace(outputs=[sample] * sampling_params.kwargs["n"]))
+        return out
+
+    def wake_up(self, tags):
+        self.events.append(("wake_up", tuple(tags)))
+
+    def sleep(self, level):
+        self.events.append(("sleep", level))
+
+
+def test_callback_generates_with_the_trainer_vllm_engine(tiny_model_dir, monkeypatch):
+    """`args.use_vllm`: the trainer's engine samples (not the model), with the current weights pushed first, as
+    GRPOTrainer 1.16 holds it (`trainer.vllm_generation.llm`) or as a trainer exposing `.llm` itself."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerControl, TrainerState
+
+    _stand_in_sampling_params(monkeypatch)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+
+    def no_transformers_generation(*args, **kwargs):
+        raise AssertionError("with use_vllm, the trainer's vLLM engine generates")
+
+    model.generate = no_transformers_generation
+    from bandpo_trl.data import load_named_dataset
+
+    problems = load_named_dataset("toy_arithmetic", split="test", num_samples=NUM_TOY, seed=11)  # the callback's
+    answers = dict(zip(problems["prompt"], problems["answer"]))
+    state = TrainerState()
+    state.global_step = 4
+    args = types.SimpleNamespace(use_vllm=True, vllm_mode="colocate", output_dir="unused", disable_tqdm=True)
+
+    for layout in ("vllm_generation", "trainer.llm", "sleep mode"):
+        llm = FakeColocatedLLM(tokenizer, answers)
+        syncs = []
+        engine = types.SimpleNamespace(
+            mode="colocate", llm=llm, tensor_parallel_size=1, enable_sleep_mode=layout == "sleep mode",
+            sync_weights=functools.partial(syncs.append, "sync"),
+        )  # fmt: skip
+        trainer = types.SimpleNamespace(model=model, args=args, _last_loaded_step=3)
+        if layout == "trainer.llm":
+            trainer.llm, trainer.vllm_mode, trainer._move_model_to_vllm = llm, "colocate", engine.sync_weights
+        else:
+            trainer.vllm_generation = engine
+        callback = BenchmarkEvalCallback(
+            ["toy_arithmetic"], 2, k=3, num_problems=NUM_TOY, max_new_tokens=5, seed=11, save_results=False,
+            trainer=trainer,
+        )  # fmt: skip
+        control = callback.on_step_end(args, state, TrainerControl(), model=model, processing_class=tokenizer)
+        assert control.should_log and callback._pending["eval/toy_arithmetic/mean@3"] == 1.0
+        (prompts, params, extra), = llm.calls  # fmt: skip
+        assert prompts == [encode_prompt(tokenizer, p) for p in problems["prompt"]]
+        assert params == {"n": 3, "temperature": 1.0, "top_p": 1.0, "max_tokens": 5, "seed": 11} and extra == {}
+        assert syncs == ["sync"] and trainer._last_loaded_step == 4  # pushed once; the trainer need not push again
+        if layout == "sleep mode":
+            assert llm.events == [("wake_up", ("kv_cache",)), ("sleep", 2)] and engine._llm_weights_sleeping
+        callback.evaluate(model, tokenizer, step=4, show_progress=False)
+        assert syncs == ["sync"]  # already current at this step
+
+
+def test_callback_generates_through_the_trainer_vllm_server(tiny_model_dir, monkeypatch):
+    """Server mode: the main process sends the prompts (token ids) to the trainer's vLLM client and decodes the
+    returned token ids; a completion is finished when it ends with EOS, as TRL counts truncation."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    from bandpo_trl.data import load_named_dataset
+
+    problems = load_named_dataset("toy_arithmetic", split="test", num_samples=NUM_TOY, seed=3)  # the callback's
+    answers = dict(zip(problems["prompt"], problems["answer"]))
+    calls = []
+
+    class FakeClient:
+        def generate(self, prompts, n, **kwargs):
+            calls.append((prompts, n, kwargs))
+            rows = []
+            for ids in prompts:
+                gold = tokenizer(answers[tokenizer.decode(ids)])["input_ids"]
+                rows += [gold + [tokenizer.eos_token_id]] * (n - 1) + [gold + gold]  # the last one cut at max_tokens
+            return {"prompt_ids": prompts, "completion_ids": rows, "logprobs": None}
+
+    engine = types.SimpleNamespace(mode="server", vllm_client=FakeClient(), sync_weights=lambda: None)
+    trainer = types.SimpleNamespace(
+        model=model, vllm_generation=engine, args=types.SimpleNamespace(use_vllm=True, vllm_mode="server")
+    )
+    callback = BenchmarkEvalCallback(
+        ["toy_arithmetic"], 1, k=2, num_problems=NUM_TOY, max_new_tokens=5, seed=3, trainer=trainer,
+    )  # fmt: skip
+    metrics = callback.evaluate(model, tokenizer, step=1, show_progress=False)
+    (prompts, n, kwargs), = calls  # fmt: skip
+    assert prompts == [encode_prompt(tokenizer, p) for p in problems["prompt"]] and n == 2
+    assert kwargs["max_tokens"] == 5 and kwargs["generation_kwargs"] == {"seed": 3} and kwargs["logprobs"] is None
+    assert metrics["eval/toy_arithmetic/pass@2"] == 1.0 and metrics["eval/toy_arithmetic/mean@2"] == 0.5

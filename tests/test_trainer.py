@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import warnings
 
 import pytest
@@ -350,3 +351,112 @@ def test_on_policy_warning(tmp_path):
         BandGRPOConfig(**common_args(tmp_path, steps_per_generation=4, gradient_accumulation_steps=2))
         BandGRPOConfig(**common_args(tmp_path, steps_per_generation=1, num_iterations=2))
         BandGRPOConfig(**common_args(tmp_path, steps_per_generation=1, clip_rule="clip"))  # TRL's clip: no warning
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bounds that violate lower <= 1 <= upper (issue 12): refused on the first micro-batch, then counted and warned about
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class ShiftedBounds(BandGRPOTrainer):
+    """Band bounds, shifted up by `shift` on the tokens of old probability above `threshold` (lower > 1 there)."""
+
+    shift = 0.0
+    threshold = 0.5
+
+    def compute_clip_bounds(self, old_per_token_logps, inputs):
+        lower, upper = super().compute_clip_bounds(old_per_token_logps, inputs)
+        bad = old_per_token_logps.exp() > self.threshold
+        return torch.where(bad, lower + self.shift, lower), torch.where(bad, upper + self.shift, upper)
+
+
+def probe_batch(vocab, probs_row):
+    """make_batch with old probabilities set column by column (the same in every row)."""
+    batch = make_batch(vocab, old_offset=torch.zeros(B, T))
+    batch["old_per_token_logps"] = torch.tensor(probs_row).log().expand(B, T).clone()
+    return batch
+
+
+def test_invalid_bounds_refused_on_first_micro_batch(tiny_model_dir, tiny_train_dataset, tmp_path):
+    trainer = build(ShiftedBounds, BandGRPOConfig, tiny_model_dir, tiny_train_dataset, tmp_path, loss_type="grpo")
+    trainer.shift = 0.5
+    batch = probe_batch(trainer.model.config.vocab_size, [0.9, 0.01, 0.9, 0.2, 0.9, 0.9])
+    # completion tokens: 6 + 4 + 6 + 2 = 18 (rows 1 and 3 padded); with p = 0.9: 4 + 2 + 4 + 1 = 11 of them
+    with pytest.raises(ValueError) as info:
+        loss_grads_metrics(trainer, batch)
+    message = str(info.value)
+    assert "ShiftedBounds.compute_clip_bounds returned ratio bounds that violate lower <= 1 <= upper" in message
+    assert "61.1% of the completion tokens (11 of 18)" in message
+    assert re.search(r"e.g. lower = 1.366\d*, upper = 1.576\d* for a token of old probability 0.9\b", message)
+    assert trainer.epsilon_low == 0.2 and trainer.epsilon_high == 0.2  # nothing was swapped in
+
+
+@pytest.mark.parametrize(
+    "bounds, ok",
+    [
+        ((0.8, 1.2), True),  # floats are allowed, as TRL's clip rule returns
+        ((1.0, 1.0), True),  # the degenerate interval {1} is valid (frozen, but lower <= 1 <= upper)
+        ((1.05, 1.3), False),
+        ((0.5, 0.9), False),
+        ((math.nan, 1.2), False),
+    ],
+)
+def test_float_bounds(bounds, ok, tiny_model_dir, tiny_train_dataset, tmp_path):
+    class FloatBounds(BandGRPOTrainer):
+        def compute_clip_bounds(self, old_per_token_logps, inputs):
+            return bounds
+
+    trainer = build(FloatBounds, BandGRPOConfig, tiny_model_dir, tiny_train_dataset, tmp_path, loss_type="grpo")
+    batch = make_batch(trainer.model.config.vocab_size)
+    if ok:
+        _, _, metrics = loss_grads_metrics(trainer, batch)
+        assert metrics["band/invalid_bounds"] == [0.0]
+    else:
+        with pytest.raises(ValueError, match=r"FloatBounds.compute_clip_bounds .* for 100.0% of the completion"):
+            loss_grads_metrics(trainer, batch)
+
+
+def test_invalid_bounds_ignore_padding(tiny_model_dir, tiny_train_dataset, tmp_path):
+    """Bounds of padded positions (outside the completion mask) are not checked or counted."""
+    trainer = build(ShiftedBounds, BandGRPOConfig, tiny_model_dir, tiny_train_dataset, tmp_path, loss_type="grpo")
+    trainer.shift = 0.5
+    batch = probe_batch(trainer.model.config.vocab_size, [0.3, 0.2, 0.3, 0.2, 0.3, 0.2])
+    batch["old_per_token_logps"][3, 2:] = math.log(0.9)  # padding of the fourth completion
+    _, _, metrics = loss_grads_metrics(trainer, batch)
+    assert metrics["band/invalid_bounds"] == [0.0]
+
+
+def test_invalid_bounds_counted_and_warned_once_after_the_first_batch(tiny_model_dir, tiny_train_dataset, tmp_path):
+    trainer = build(ShiftedBounds, BandGRPOConfig, tiny_model_dir, tiny_train_dataset, tmp_path, loss_type="grpo")
+    vocab = trainer.model.config.vocab_size
+    reduces = []
+    reduce = trainer.accelerator.reduce
+    trainer.accelerator.reduce = lambda *args, **kwargs: reduces.append(1) or reduce(*args, **kwargs)
+
+    trainer.shift = 0.5
+    valid = probe_batch(vocab, [0.3, 0.2, 0.3, 0.2, 0.3, 0.2])  # nothing above the threshold: valid
+    _, _, metrics = loss_grads_metrics(trainer, valid)
+    first_batch_reduces = len(reduces)
+    assert metrics["band/invalid_bounds"] == [0.0]
+
+    invalid = probe_batch(vocab, [0.9, 0.01, 0.9, 0.2, 0.9, 0.9])
+    reduces.clear()
+    with pytest.warns(UserWarning, match=r"ShiftedBounds.compute_clip_bounds returned .* for 61.1% .* warned once"):
+        _, _, metrics = loss_grads_metrics(trainer, invalid)
+    assert metrics["band/invalid_bounds"] == [pytest.approx(11 / 18)]
+    assert len(reduces) == first_batch_reduces - 1  # the one-off check is the only extra reduction
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, _, metrics = loss_grads_metrics(trainer, invalid)
+    assert metrics["band/invalid_bounds"] == [pytest.approx(11 / 18)]
+
+
+@pytest.mark.parametrize("rule", ["band", "dcpo"])
+def test_builtin_rules_have_no_invalid_bounds(rule, tiny_model_dir, tiny_train_dataset, tmp_path):
+    trainer = build(BandGRPOTrainer, BandGRPOConfig, tiny_model_dir, tiny_train_dataset, tmp_path, clip_rule=rule)
+    batch = make_batch(trainer.model.config.vocab_size)
+    batch["old_per_token_logps"][0, :3] = torch.tensor([-1e-9, -20.0, -math.inf])  # extreme probabilities
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _, _, metrics = loss_grads_metrics(trainer, batch)
+    assert metrics["band/invalid_bounds"] == [0.0]

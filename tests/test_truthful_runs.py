@@ -89,9 +89,7 @@ def test_installed_bandpo_train_exits_0_and_resumes_from_the_newest_complete_che
 
 
 def test_installed_bandpo_train_exits_nonzero_on_a_bad_recipe(tmp_path):
-    result = run_script(
-        "bandpo-train", "--dataset_names", "gsm9k", "--use_cpu", "true", "--output_dir", str(tmp_path / "out")
-    )
+    result = run_script("bandpo-train", "--dataset_names", "gsm9k", "--output_dir", str(tmp_path / "out"))
     assert result.returncode != 0
     assert "Unknown dataset 'gsm9k'" in result.stderr
 
@@ -167,7 +165,7 @@ def test_dataset_num_samples_zero_or_negative_is_refused(tmp_path):
 
 def test_yaml_scalar_where_a_list_is_expected_is_a_one_element_list(tmp_path):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text("reward_funcs: toy_accuracy\ndataset_names: toy_arithmetic\noutput_dir: out\nuse_cpu: true\n")
+    recipe.write_text("reward_funcs: toy_accuracy\ndataset_names: toy_arithmetic\noutput_dir: out\n")
     script_args, *_ = make_parser().parse_args_and_config(args=["--config", str(recipe)])
     assert script_args.reward_funcs == ["toy_accuracy"]
     assert script_args.dataset_names == ["toy_arithmetic"]
@@ -255,3 +253,92 @@ def test_resolve_resume_checkpoint(tmp_path, caplog):
         resolve_resume_checkpoint(str(bad), str(tmp_path))
     with pytest.raises(ValueError, match="no such directory"):
         resolve_resume_checkpoint(str(tmp_path / "nope"), str(tmp_path))
+
+
+# -------------------------------------------------------------------------------------------- custom code
+
+
+def test_reward_funcs_accept_import_paths(tmp_path, monkeypatch):
+    from bandpo_trl.rewards import get_reward_funcs, toy_accuracy_reward
+
+    (tmp_path / "my_rewards.py").write_text(
+        "def short(completions, **kwargs):\n    return [-len(c) for c in completions]\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    funcs = get_reward_funcs(["toy_accuracy", "my_rewards.short", "my_rewards:short"])
+    assert funcs[0] is toy_accuracy_reward and funcs[1] is funcs[2]
+    assert funcs[1](["ab", "abc"]) == [-2, -3]
+    assert get_reward_funcs("toy_accuracy") == [toy_accuracy_reward]
+    with pytest.raises(ValueError, match=r"Unknown reward function\(s\) \['accuracy'\].*or an import path"):
+        get_reward_funcs(["accuracy"])
+    with pytest.raises(ValueError, match="my_rewards"):
+        get_reward_funcs(["my_rewards.missing"])
+
+
+@pytest.mark.slow
+def test_a_recipe_trains_with_its_own_reward_and_divergence_modules(tmp_path):
+    (tmp_path / "my_rewards.py").write_text(
+        "def ones(completions, **kwargs):\n    return [float(c.count('1')) for c in completions]\n"
+    )
+    (tmp_path / "my_divergences.py").write_text(
+        "import torch\n\nfrom bandpo_trl import register_divergence\n\n"
+        "register_divergence('js', lambda u: 0.5 * (torch.xlogy(u, u) - torch.xlogy(u + 1, (u + 1) / 2)))\n"
+    )
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(
+        USER_RECIPE.replace("reward_funcs: toy_accuracy", "reward_funcs: [toy_accuracy, my_rewards.ones]")
+        + "band_divergence: my_divergences:js\nband_delta: 0.02\nmax_steps: 2\n"
+    )
+    result = run_script("bandpo-train", "--config", str(recipe), "--output_dir", "run", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    state = json.loads((tmp_path / "run" / "trainer_state.json").read_text())
+    logs = [entry for entry in state["log_history"] if "loss" in entry]
+    assert any("rewards/ones/mean" in entry for entry in logs)  # logged on the steps that generate
+    assert all("band/upper_mean" in entry for entry in logs)
+
+
+# -------------------------------------------------------------------------------------------- configuration
+
+
+def test_band_config_runs_as_written_on_a_cpu_only_machine(tmp_path):
+    # The README's example, verbatim: no bf16/use_cpu flags. TRL's GRPOConfig would turn bf16 on and fail here.
+    args = BandGRPOConfig(output_dir=str(tmp_path), band_divergence="tv", band_delta=0.05,
+                          gradient_accumulation_steps=4, steps_per_generation=16, loss_type="grpo", beta=0.001)  # fmt: skip
+    import torch
+
+    assert args.bf16 == (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    assert BandGRPOConfig(output_dir=str(tmp_path), bf16=False, steps_per_generation=4).bf16 is False
+    assert BandGRPOConfig(output_dir=str(tmp_path), fp16=False, bf16=True, use_cpu=True).bf16 is True
+
+
+@pytest.mark.parametrize(("save_steps", "warns"), [(6, True), (8, False), (4, False)])
+def test_checkpoints_inside_a_generation_batch_warn(tmp_path, save_steps, warns):
+    # 16 micro-steps per generation / 4 accumulation steps = 4 optimizer steps per generation batch.
+    kwargs = dict(output_dir=str(tmp_path), gradient_accumulation_steps=4, steps_per_generation=16)
+    kwargs.update(save_strategy="steps", save_steps=save_steps)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        BandGRPOConfig(**kwargs)
+    messages = [str(w.message) for w in caught if "generation batch" in str(w.message)]
+    assert bool(messages) == warns
+    if warns:
+        assert "save_steps=6 is not a multiple of the 4 optimizer steps per generation batch" in messages[0]
+
+
+def test_on_policy_and_old_logps_mirror_trls_condition():
+    from types import SimpleNamespace
+
+    from bandpo_trl.config import computes_old_logps, is_on_policy
+
+    def args(ga, spg, iterations=1, vllm=False, correction=True):
+        return SimpleNamespace(gradient_accumulation_steps=ga, steps_per_generation=spg, num_iterations=iterations,
+                               use_vllm=vllm, vllm_importance_sampling_correction=correction)  # fmt: skip
+
+    assert is_on_policy(args(4, 4)) and not computes_old_logps(args(4, 4))
+    assert not is_on_policy(args(4, 16)) and computes_old_logps(args(4, 16))
+    assert not is_on_policy(args(4, 4, iterations=2)) and computes_old_logps(args(4, 4, iterations=2))
+    # TRL's vLLM branch: old log-probs are computed for the importance-sampling correction, from the same weights,
+    # so the clip still sees a ratio of 1.
+    assert computes_old_logps(args(4, 4, vllm=True)) and is_on_policy(args(4, 4, vllm=True))
+    assert not computes_old_logps(args(4, 4, vllm=True, correction=False))

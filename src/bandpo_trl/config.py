@@ -7,7 +7,7 @@ from dataclasses import dataclass, field, fields
 
 from trl import GRPOConfig
 
-from .band import _check_max_ratio, _check_positive, available_divergences
+from .band import _check_max_ratio, _check_positive, available_divergences, is_import_path, resolve_divergence
 
 CLIP_RULES = ("band", "clip", "dcpo")
 # TRL loss types whose surrogate is the PPO ratio clip `clamp(r, 1 - eps_low, 1 + eps_high)`.
@@ -55,7 +55,11 @@ class BandGRPOConfig(GRPOConfig):
         default="kl",
         metadata={
             "help": "f-divergence of the trust region: 'kl' (KL(pi_old || pi), the paper's default), 'rkl', 'tv', "
-            "'chi2', 'hellinger', or a name registered with `bandpo_trl.register_divergence`."
+            "'chi2', 'hellinger', a name registered with `bandpo_trl.register_divergence`, or an import path "
+            "(the current directory is searched first): 'my_pkg.divergences:js' imports my_pkg.divergences and "
+            "uses the divergence 'js' its import registers (or registers its function `js` as the generator f), "
+            "'my_pkg.divergences.js_generator' registers that function as the generator f. A generator must be "
+            "elementwise, convex, non-negative, finite on (0, inf) and 0 at 1; it is checked at start-up."
         },
     )
     band_delta: float = field(
@@ -78,21 +82,38 @@ class BandGRPOConfig(GRPOConfig):
     )
     dcpo_epsilon_low: float = field(
         default=0.16,
-        metadata={"help": "DCPO lower epsilon: l = 1/2 + 1/2 sqrt(max(1 - 4 eps_low / p, 0)). Used with clip_rule='dcpo'."},
+        metadata={
+            "help": "DCPO lower epsilon: l = 1/2 + 1/2 sqrt(max(1 - 4 eps_low / p, 0)). Used with clip_rule='dcpo'."
+        },
     )
     dcpo_epsilon_high: float = field(
         default=0.2,
         metadata={"help": "DCPO upper epsilon: u = 1/2 + 1/2 sqrt(1 + 4 eps_high / p). Used with clip_rule='dcpo'."},
     )
 
+    bf16: bool | None = field(
+        default=None,
+        metadata={
+            "help": "bf16 mixed precision. Unset: on where a bf16-capable GPU (or XLA device) is present, off "
+            "otherwise, so the same config runs on a CPU-only machine (TRL's GRPOConfig turns it on everywhere, "
+            "and transformers then stops with 'Your setup doesn't support bf16/gpu'). Set it to force either way."
+        },
+    )
+
     def __post_init__(self):
+        if self.bf16 is None and not self.fp16:
+            from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
+
+            self.bf16 = is_torch_bf16_gpu_available() or is_torch_xla_available()
         super().__post_init__()
         validate_band_options(self)
 
 
 # The options BandGRPOConfig adds to GRPOConfig, with their defaults: a plain GRPOConfig handed to
 # BandGRPOTrainer (the one-import swap) gets exactly these.
-BAND_DEFAULTS = {f.name: f.default for f in fields(BandGRPOConfig) if f.name not in {g.name for g in fields(GRPOConfig)}}
+BAND_DEFAULTS = {
+    f.name: f.default for f in fields(BandGRPOConfig) if f.name not in {g.name for g in fields(GRPOConfig)}
+}
 
 
 def band_option(args, name: str):
@@ -106,15 +127,24 @@ def validate_band_options(args) -> None:
     Raises `ValueError` naming the bad value and what is accepted; warns when the configuration makes the
     clipping rule a no-op.
     """
+    warn_on_mid_batch_checkpoints(args)
     rule = band_option(args, "clip_rule")
     if rule not in CLIP_RULES:
         raise ValueError(f"clip_rule must be one of {', '.join(CLIP_RULES)}; got {rule!r}")
     divergence = band_option(args, "band_divergence")
-    if divergence not in available_divergences():
+    if not is_import_path(divergence) and divergence not in available_divergences():
         raise ValueError(
-            f"band_divergence {divergence!r} is unknown; accepted: {', '.join(available_divergences())} "
-            "(or register one with bandpo_trl.register_divergence before building the config)"
+            f"band_divergence {divergence!r} is unknown; accepted: {', '.join(available_divergences())}, an import "
+            "path such as 'my_pkg.divergences:js' (or register one with bandpo_trl.register_divergence before "
+            "building the config)"
         )
+    try:
+        resolve_divergence(divergence)  # imports and registers an import path; a registered name is kept
+    except ValueError as error:
+        raise ValueError(
+            f"band_divergence {divergence!r} is not a registered divergence (accepted: "
+            f"{', '.join(available_divergences())}); as an import path: {error}"
+        ) from error
     for name in ("band_delta", "dcpo_epsilon_low", "dcpo_epsilon_high"):
         _check_positive(name, band_option(args, name))
     _check_max_ratio(band_option(args, "band_max_ratio"), "band_max_ratio")
@@ -149,7 +179,43 @@ def validate_band_options(args) -> None:
         )
 
 
+def _generate_every(args) -> int:
+    # TRL's generation period in micro-steps: a new generation batch every steps_per_generation * num_iterations.
+    return (args.steps_per_generation or args.gradient_accumulation_steps) * args.num_iterations
+
+
 def is_on_policy(args) -> bool:
-    """True when TRL computes no `old_per_token_logps` because every update is on fresh samples (ratio == 1)."""
-    steps_per_generation = args.steps_per_generation or args.gradient_accumulation_steps
-    return args.gradient_accumulation_steps % (steps_per_generation * args.num_iterations) == 0
+    """True when every optimizer step is taken on samples from the very weights it updates, so the ratio the clip
+    sees is exactly 1 and no clipping rule can act: `gradient_accumulation_steps` is a multiple of
+    `steps_per_generation * num_iterations`. (With vLLM's importance-sampling correction TRL still computes
+    `old_per_token_logps` then, see `computes_old_logps`, but from the same weights: the ratio is still 1.)"""
+    return args.gradient_accumulation_steps % _generate_every(args) == 0
+
+
+def computes_old_logps(args) -> bool:
+    """Whether TRL's `GRPOTrainer` computes `old_per_token_logps` for its batches: TRL 1.16's own condition, when
+    generation and optimizer steps are misaligned or when vLLM's importance-sampling correction needs them."""
+    uses_vllm_correction = getattr(args, "use_vllm", False) and getattr(
+        args, "vllm_importance_sampling_correction", False
+    )
+    return not is_on_policy(args) or bool(uses_vllm_correction)
+
+
+def warn_on_mid_batch_checkpoints(args) -> None:
+    """Warn when checkpoints fall inside a generation batch: a run resumed there draws a fresh batch for the
+    remaining steps and no longer matches the uninterrupted run."""
+    strategy = getattr(args.save_strategy, "value", args.save_strategy)
+    save_steps = args.save_steps
+    if strategy != "steps" or not save_steps or save_steps < 1 or save_steps != int(save_steps):
+        return
+    steps_per_batch = _generate_every(args) / args.gradient_accumulation_steps
+    if steps_per_batch > 1 and steps_per_batch == int(steps_per_batch) and int(save_steps) % int(steps_per_batch):
+        warnings.warn(
+            f"save_steps={int(save_steps)} is not a multiple of the {int(steps_per_batch)} optimizer steps per "
+            f"generation batch (steps_per_generation {args.steps_per_generation} x num_iterations "
+            f"{args.num_iterations} / gradient_accumulation_steps {args.gradient_accumulation_steps}): a run resumed "
+            "from such a checkpoint generates a new batch mid-way and diverges from the uninterrupted run. Use a "
+            f"multiple of {int(steps_per_batch)}.",
+            UserWarning,
+            stacklevel=3,
+        )

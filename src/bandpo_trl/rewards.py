@@ -189,12 +189,25 @@ def available_rewards() -> list[str]:
 
 
 def get_reward_funcs(names: list[str]) -> list[Callable[..., list[float]]]:
-    """The reward functions named in `names`, in order.
+    """The reward functions named in `names`, in order: a registered name (`available_rewards()`) or the import
+    path of your own function, `my_pkg.rewards.my_reward` or `my_pkg.rewards:my_reward` (imported now, with the
+    working directory on `sys.path`, as TRL's GRPO script does). A reward function takes `completions` and the
+    dataset's columns (`answer`, `problem_id`, ...) as keyword arguments and returns one float per completion.
 
     Raises:
-        ValueError: an unknown name; the message lists the known ones.
+        ValueError: a name that is neither registered nor an import path (the message lists the known ones), or
+            an import path that does not lead to a callable.
     """
-    unknown = [name for name in names if name not in REWARD_FUNCS]
+    from .utils import import_object
+
+    if isinstance(names, str):
+        names = [names]
+    unknown = [name for name in names if name not in REWARD_FUNCS and "." not in name and ":" not in name]
     if unknown:
-        raise ValueError(f"Unknown reward function(s) {unknown}. Known rewards: {', '.join(available_rewards())}")
-    return [REWARD_FUNCS[name] for name in names]
+        raise ValueError(
+            f"Unknown reward function(s) {unknown}. Known rewards: {', '.join(available_rewards())}, or an import "
+            "path such as my_pkg.rewards.my_reward"
+        )
+    return [
+        REWARD_FUNCS[name] if name in REWARD_FUNCS else import_object(name, require_callable=True) for name in names
+    ]

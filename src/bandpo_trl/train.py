@@ -328,6 +328,8 @@ def train(
         peft_config=get_peft_config(model_args),
         callbacks=callbacks or None,
     )
+    for callback in callbacks:
+        callback.attach(trainer)  # generate with the trainer's accelerator / vLLM engine; report through its loggers
     trainer.train(resume_from_checkpoint=resume_from)
     if trainer.state.global_step == 0:
         # Nothing was trained: saving the untouched model as this run's output would report a success.
