@@ -187,7 +187,7 @@ def test_readme_launch_command_keeps_the_papers_batch(env, argv):
         assert_valid_tensor_parallel(model_folder(recipe), training_args.vllm_tensor_parallel_size)
 
 
-def test_every_paper_recipe_has_a_readme_launch_on_every_config_it_is_meant_for():
+def test_every_paper_recipe_has_its_readme_launch_commands():
     launched = set()
     for _, argv in README_LAUNCHES:
         config = os.path.basename(argv[argv.index("--config_file") + 1]).removesuffix(".yaml")
