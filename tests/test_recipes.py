@@ -35,6 +35,8 @@ ACCELERATE_CONFIGS = sorted(glob.glob(os.path.join(RECIPES, "accelerate_configs"
 PAPER_MODELS = {
     "Qwen2.5-3B-Instruct": "Qwen/Qwen2.5-3B-Instruct",
     "DeepSeek-R1-Distill-Qwen-1.5B": "deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B",
+    "DeepSeek-R1-Distill-Qwen-7B": "deepseek-ai/DeepSeek-R1-Distill-Qwen-7B",
+    "DeepSeek-R1-Distill-Llama-8B": "deepseek-ai/DeepSeek-R1-Distill-Llama-8B",
 }
 PAPER_METHODS = {  # recipe path -> the keys that select the clipping rule
     "bandpo/config_kl.yaml": {
@@ -64,7 +66,13 @@ PAPER_METHODS = {  # recipe path -> the keys that select the clipping rule
         "band_max_ratio": 10.0,
     },
     "bandpo/config_kl_lora.yaml": {"clip_rule": "band", "band_divergence": "kl", "band_delta": 0.05, "use_peft": True},
+    # Generation by `trl vllm-serve` on 4 GPUs, training on the other 4 (recipes/README.md, "vLLM server mode").
+    "bandpo/config_kl_vllm_server.yaml": {"clip_rule": "band", "band_divergence": "kl", "band_delta": 0.05},
 }
+# Keys a variant may change besides the clipping rule: where generation runs and the batch split that goes with it.
+SERVER_KEYS = {"vllm_mode", "vllm_server_host", "vllm_server_port", "vllm_server_timeout", "vllm_tensor_parallel_size",
+               "vllm_gpu_memory_utilization", "vllm_enable_sleep_mode", "gradient_accumulation_steps",
+               "steps_per_generation"}
 CLIP_KEYS = {"clip_rule", "band_divergence", "band_delta", "band_max_ratio", "epsilon", "epsilon_high"}
 CLIP_KEYS |= {"dcpo_epsilon_low", "dcpo_epsilon_high"}
 
@@ -121,7 +129,8 @@ def test_every_paper_recipe_exists():
 def test_paper_recipe_has_the_papers_hyperparameters(model, method):
     script_args, args, model_args, _ = parse(f"{model}/{method}")
     lora = method.endswith("_lora.yaml")
-    gpus = 1 if lora else 8
+    server = method.endswith("_vllm_server.yaml")
+    gpus = 1 if lora else 4 if server else 8  # the server variants train on 4 GPUs and generate on the other 4
 
     assert model_args.model_name_or_path == PAPER_MODELS[model]
     assert script_args.dataset_names == ["dapo_math_17k", "math_l3_5"]
@@ -136,7 +145,7 @@ def test_paper_recipe_has_the_papers_hyperparameters(model, method):
     assert plain(args.lr_scheduler_type) == "constant"
     assert (args.warmup_steps, args.weight_decay, args.max_grad_norm) == (0, 0.01, 1.0)
     assert args.num_train_epochs == 10
-    assert (args.use_vllm, args.vllm_mode, args.bf16) == (True, "colocate", True)
+    assert (args.use_vllm, args.vllm_mode, args.bf16) == (True, "server" if server else "colocate", True)
     assert model_args.dtype == "bfloat16"
     assert args.num_generations == 16
 
@@ -165,7 +174,8 @@ def test_recipes_of_one_model_differ_only_in_the_clipping_rule(model):
             continue
         other = read_yaml(f"{model}/{method}")
         differing = {k for k in set(reference) | set(other) if reference.get(k) != other.get(k)}
-        assert differing <= CLIP_KEYS | {"output_dir"}, (method, differing)
+        allowed = SERVER_KEYS if method.endswith("_vllm_server.yaml") else CLIP_KEYS
+        assert differing <= allowed | {"output_dir"}, (method, differing)
 
 
 def test_tiny_recipe_runs_on_the_cpu_without_downloads():
@@ -214,11 +224,20 @@ def test_accelerate_config_loads(path):
     if name in stages:
         assert config.deepspeed_config["zero_stage"] == stages[name]
         assert "gradient_accumulation_steps" not in config.deepspeed_config  # the recipe sets it
+    if name == "fsdp2.yaml":
+        assert config.distributed_type == "FSDP"
+        fsdp = config.fsdp_config
+        assert (fsdp["fsdp_version"], fsdp["fsdp_auto_wrap_policy"]) == (2, "TRANSFORMER_BASED_WRAP")
+        assert fsdp["fsdp_reshard_after_forward"] is True  # FSDP2's bool form of FULL_SHARD
+        assert fsdp["fsdp_activation_checkpointing"] is False  # the recipes' gradient_checkpointing does it
+        assert fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # checkpoints `bandpo-eval` and vLLM can load
+        # TRL's FSDP2 reference model would get no weights on ranks > 0 (see the comment in fsdp2.yaml).
+        assert fsdp["fsdp_cpu_ram_efficient_loading"] is False
 
 
 def test_accelerate_configs_are_the_documented_ones():
     names = {os.path.basename(p) for p in ACCELERATE_CONFIGS}
-    assert {"cpu.yaml", "ddp.yaml", "zero2.yaml", "zero3.yaml"} <= names
+    assert {"cpu.yaml", "ddp.yaml", "zero2.yaml", "zero3.yaml", "fsdp2.yaml"} <= names
 
 
 def test_readme_has_a_launch_command_per_recipe():
