@@ -36,7 +36,7 @@ from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 from .checkpoints import resolve_resume_checkpoint
 from .config import BandGRPOConfig
 from .data import available_datasets, load_named_dataset, parse_dataset_paths
-from .rewards import available_rewards, get_reward_funcs
+from .rewards import available_rewards, get_reward_funcs, in_open_think, opens_think_block
 
 logger = logging.getLogger(__name__)
 
@@ -293,6 +293,9 @@ def train(
     if model_args.model_name_or_path == TINY_MODEL_NAME:
         model_args.model_name_or_path = load_tiny(tiny_args or TinyModelArguments(), training_args)
     tokenizer = load_tokenizer(model_args, training_args)
+    if opens_think_block(tokenizer):
+        # DeepSeek-R1-Distill: the prompt ends in "<think>\n", so the rewards must see where the thought ends.
+        reward_funcs = [in_open_think(func) for func in reward_funcs]
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
 
     train_dataset = drop_long_prompts(
