@@ -83,17 +83,17 @@ OVERRIDES = {
     "max_steps": (2, "two optimizer steps instead of 10 epochs"),
     "output_dir": (None, "a temporary directory"),
 }
-# Added (not recipe keys): run on the CPU, and the training data from local files with the sources' real columns.
+# Added (not recipe keys): run on the CPU. The test also passes `--dataset_paths` (local files with the sources' real
+# columns for the recipe's dataset_names, which stay as written).
 ADDED = {
     "use_cpu": (True, "CI has no GPU; bf16, dtype bfloat16, sdpa and gradient checkpointing all run on the CPU"),
 }
 
 
-def overrides_for(config: dict, model_dir: Path, output_dir: Path) -> dict:
+def overrides_for(model_dir: Path, output_dir: Path) -> dict:
+    """The command-line values of `OVERRIDES` and `ADDED` (a key a recipe does not set, e.g. max_steps, is added)."""
     values = {key: value for key, (value, _) in OVERRIDES.items()}
     values.update(model_name_or_path=str(model_dir), output_dir=str(output_dir))
-    unknown = [key for key in OVERRIDES if key not in config and key != "max_steps"]
-    assert not unknown, f"overridden keys missing from the recipe (stale OVERRIDES?): {unknown}"
     return {**values, **{key: value for key, (value, _) in ADDED.items()}}
 
 
@@ -111,7 +111,7 @@ INSTRUCTION_HEAD, INSTRUCTION_TAIL = MATH_PROMPT_TEMPLATE.split("{problem}")
 DAPO_PROBLEMS = [
     ("Find the sum of all integers $n$ such that $n^2 < 10$.", "0"),
     ("How many positive divisors does $3600$ have?", "45"),
-    ("Let $f(x) = x^2 - 3x + 2$. Find the product of the roots of $f(f(x)) = 0$.", "2"),
+    ("Let $f(x) = x^2 - 3x + 2$. Find the product of the roots of $f(f(x)) = 0$.", "0"),
     (
         "A bag has $4$ red and $6$ blue marbles. Two are drawn without replacement. If the probability that both are "
         "red is $\\frac{m}{n}$ in lowest terms, find $m + n$.",
@@ -376,7 +376,7 @@ def test_paper_recipe_trains_two_steps(recipe, toy_models, local_data, tmp_path)
     if model_id in SKIPPED_MODELS:
         pytest.skip(f"{model_id}: {SKIPPED_MODELS[model_id]}")
     output_dir = tmp_path / "out"
-    overrides = overrides_for(config, toy_models(model_id), output_dir)
+    overrides = overrides_for(toy_models(model_id), output_dir)
     cmd = [
         str(BIN / "bandpo-train"),
         "--config", str(recipe),
@@ -406,5 +406,11 @@ def test_paper_recipe_trains_two_steps(recipe, toy_models, local_data, tmp_path)
     rewards = [log["reward"] for log in logs if "reward" in log]  # logged when a generation batch is scored
     assert rewards == [-1.0]  # one batch for both steps; a random model never writes a right final answer
     assert "Dropped 1 of" in proc.stderr  # the over-1024-token prompt, in the recipe tokenizer's real tokens
+    if config.get("log_completions"):  # TRL's completions table: the gold answers mapped from the real columns
+        import pandas as pd
+
+        table = pd.concat(pd.read_parquet(path) for path in (output_dir / "completions").glob("*.parquet"))
+        gold = {answer for _, answer in DAPO_PROBLEMS} | {"\\frac{3}{4}", "4", "56", "5"}
+        assert set(table["answer"]) <= gold and set(table["math_accuracy_reward"]) == {-1.0}
     saved = "adapter_model.safetensors" if config.get("use_peft") else "model.safetensors"
     assert (output_dir / saved).is_file() and (output_dir / "tokenizer.json").is_file()
