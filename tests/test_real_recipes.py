@@ -36,6 +36,7 @@ from bandpo_trl.rewards import in_open_think, math_accuracy_reward, opens_think_
 from bandpo_trl.train import drop_long_prompts, prompt_lengths
 
 REPO = Path(__file__).resolve().parents[1]
+FAMILIES = (QWEN2_5, R1_DISTILL_QWEN)
 BIN = Path(sys.executable).parent
 
 
@@ -184,19 +185,24 @@ def train_rows(local_data) -> Dataset:
 
 
 @pytest.fixture(scope="module")
-def tokenizers(tmp_path_factory) -> dict:
-    """Each family's tokenizer saved as its repository lays it out and loaded back as the trainer loads it."""
+def tokenizer_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Each family's tokenizer saved as its repository lays it out."""
+    return {family.name: save_tokenizer(family, tmp_path_factory.mktemp(family.name)) for family in FAMILIES}
+
+
+@pytest.fixture(scope="module")
+def tokenizers(tokenizer_dirs) -> dict:
+    """Each family's tokenizer loaded back as the trainer loads it."""
     from bandpo_trl.train import load_tokenizer
 
     loaded = {}
-    for family in (QWEN2_5, R1_DISTILL_QWEN):
-        path = save_tokenizer(family, tmp_path_factory.mktemp(family.name))
+    for name, path in tokenizer_dirs.items():
         model_args = type("ModelArgs", (), {"model_name_or_path": str(path), "model_revision": None})()
-        loaded[family.name] = load_tokenizer(model_args, type("Args", (), {"trust_remote_code": False})())
+        loaded[name] = load_tokenizer(model_args, type("Args", (), {"trust_remote_code": False})())
     return loaded
 
 
-@pytest.mark.parametrize("family", [QWEN2_5, R1_DISTILL_QWEN], ids=lambda f: f.name)
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
 def test_tokenizer_encodes_like_the_real_ranks(tokenizers, train_rows, family):
     tokenizer = tokenizers[family.name]
     reference = reference_encoder()
@@ -263,7 +269,7 @@ def test_r1_distill_prompt_opens_a_think_block(tokenizers, train_rows):
         assert ids[-3:] == [151645, 151648, 198]  # <｜Assistant｜> <think> "\n"
 
 
-@pytest.mark.parametrize("family", [QWEN2_5, R1_DISTILL_QWEN], ids=lambda f: f.name)
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
 def test_prompt_lengths_in_real_tokens_and_max_prompt_length(tokenizers, train_rows, family):
     tokenizer = tokenizers[family.name]
     lengths = prompt_lengths(train_rows, tokenizer)
@@ -325,6 +331,50 @@ def test_math_reward_on_r1_completions(tokenizers, generated, gold, reward):
     assert in_open_think(math_accuracy_reward)([completion], answer=[gold]) == [reward]
     if "</think>" in generated or "<think>" in generated:  # the tags alone tell where the thought ends
         assert math_accuracy_reward([completion], answer=[gold]) == [reward]
+
+
+class _TrainerBuilt(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    ("family", "truncated_reward"),
+    [(QWEN2_5, 1.0), (R1_DISTILL_QWEN, -1.0)],
+    ids=["qwen2_5", "deepseek_r1_distill_qwen"],
+)
+def test_train_gives_the_trainer_rewards_that_know_the_template(
+    tokenizer_dirs, tokenizers, local_data, monkeypatch, tmp_path, family, truncated_reward
+):
+    """`bandpo_trl.train.train` hands the trainer rewards that read "So the answer is 12.\\nAnswer: 12" as an answer
+    for Qwen2.5 (no thinking) and as a thought cut off at max_completion_length for R1-Distill (prompt opens <think>)."""
+    import bandpo_trl
+    from bandpo_trl.train import make_parser, train
+
+    built = {}
+
+    def fake_trainer(*, reward_funcs, **kwargs):
+        built["reward_funcs"] = reward_funcs
+        raise _TrainerBuilt
+
+    monkeypatch.setattr(bandpo_trl, "BandGRPOTrainer", fake_trainer)
+    args = make_parser().parse_args_and_config(
+        args=[
+            "--model_name_or_path", str(tokenizer_dirs[family.name]),
+            "--dataset_names", "dapo_math_17k",
+            "--dataset_paths", f"dapo_math_17k={local_data['dapo_math_17k']}",
+            "--reward_funcs", "math_accuracy",
+            "--num_generations", "2", "--per_device_train_batch_size", "2", "--steps_per_generation", "2",
+            "--use_cpu", "true", "--bf16", "false", "--report_to", "none", "--output_dir", str(tmp_path),
+        ]
+    )  # fmt: skip
+    with pytest.raises(_TrainerBuilt):
+        train(*args)
+    [reward] = built["reward_funcs"]
+    assert reward.__name__ == "math_accuracy_reward"
+    completion = trl_completion(tokenizers[family.name], "So the answer is 12.\nAnswer: 12")
+    assert reward([completion], answer=["12"]) == [truncated_reward]
+    finished = trl_completion(tokenizers[family.name], "So the answer is 12.\n</think>\n\nAnswer: 12")
+    assert reward([finished], answer=["12"]) == [1.0]
 
 
 @pytest.mark.parametrize(

@@ -293,15 +293,15 @@ def train(
     if model_args.model_name_or_path == TINY_MODEL_NAME:
         model_args.model_name_or_path = load_tiny(tiny_args or TinyModelArguments(), training_args)
     tokenizer = load_tokenizer(model_args, training_args)
-    if opens_think_block(tokenizer):
-        # DeepSeek-R1-Distill: the prompt ends in "<think>\n", so the rewards must see where the thought ends.
-        reward_funcs = [in_open_think(func) for func in reward_funcs]
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
 
     train_dataset = drop_long_prompts(
         load_train_dataset(script_args, training_args.seed), tokenizer, script_args.max_prompt_length
     )
     check_enough_prompts(train_dataset, training_args)
+    if not isinstance(train_dataset[0]["prompt"], str) and opens_think_block(tokenizer):
+        # DeepSeek-R1-Distill: the chat prompt ends in "<think>\n", so the rewards must see where the thought ends.
+        reward_funcs = [in_open_think(func) for func in reward_funcs]
     resume_from = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
 
     callbacks = []
