@@ -4,8 +4,10 @@ r"""Reward functions with TRL's signature `fn(completions, **kwargs) -> list[flo
 (conversational prompts); both are accepted. The gold answers arrive as the dataset column `answer=[...]`.
 
 - `math_accuracy_reward`: +1 if the final answer is mathematically equal to the gold one, -1 otherwise (the paper's
-  reward). The answer is the text after the last `Answer:`, else the last `\boxed{...}`; equality is decided by
-  `math_verify`, so `\frac{1}{2}`, `0.5` and `\dfrac12` all match `1/2`.
+  reward). The answer is the text after the last `Answer:`, else the last `\boxed{...}`, of the final response
+  (after `</think>` for reasoning models; a thought never closed has none); equality is decided by `math_verify`, so
+  `\frac{1}{2}`, `0.5` and `\dfrac12` all match `1/2`. For a chat template whose generation prompt opens `<think>`
+  (DeepSeek-R1-Distill), `bandpo_trl.train` scores the completions with `in_open_think`.
 - `format_reward`: 1 if the last non-empty line is `Answer: <something>`, 0 otherwise.
 - `toy_accuracy_reward`: 1 if the toy completion is exactly the gold integer, 0 otherwise.
 
@@ -21,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import functools
 import logging
 import re
 import threading
@@ -31,6 +34,7 @@ from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, veri
 _ANSWER_LINE = re.compile(r"answer\s*:\**\s*(.*)", re.IGNORECASE)
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
 _TOY_ANSWER = re.compile(r"-?\d+")
+_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
 
 # How the extracted answer and the gold answer are read: LaTeX first (we wrap them in `$...$`), then a plain
 # expression such as `1/2` or `3.5`.
@@ -70,17 +74,62 @@ def last_boxed_content(text: str) -> str | None:
     return None  # unbalanced braces: malformed
 
 
+def final_response(text: str) -> str | None:
+    """The part of a completion after the model's reasoning (R1-style `<think> ... </think>`): the text after the
+    last `</think>`; `None` when a `<think>` block is opened and never closed (a truncated thought has no final
+    answer); the whole text when there are no think tags.
+
+    >>> final_response("<think>\\nAnswer: 3?\\n</think>\\n\\nAnswer: 4"), final_response("<think>\\nAnswer: 3")
+    ('\\n\\nAnswer: 4', None)
+    """
+    if _THINK_CLOSE in text:
+        return text.rsplit(_THINK_CLOSE, 1)[1]
+    if _THINK_OPEN in text:
+        return None
+    return text
+
+
+def opens_think_block(tokenizer) -> bool:
+    """Whether the tokenizer's chat template ends the generation prompt inside a `<think>` block, as
+    DeepSeek-R1-Distill's does (`<｜Assistant｜><think>\\n`): its completions then start inside the thought."""
+    if not getattr(tokenizer, "chat_template", None):
+        return False
+    try:
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": "1+1"}], add_generation_prompt=True, tokenize=False
+        )
+    except Exception:  # a template that cannot render a bare user turn opens nothing we can see
+        return False
+    return isinstance(prompt, str) and prompt.rstrip().endswith(_THINK_OPEN)
+
+
+def in_open_think(func: Callable[..., list[float]]) -> Callable[..., list[float]]:
+    """`func` scoring completions that start inside a `<think>` block opened by the prompt: each is scored as
+    `<think>\\n` + its text, so the reward sees where the thought ends, and a thought never closed (a completion
+    truncated at max_completion_length) has no final answer. Same name as `func` (TRL's metric names)."""
+
+    @functools.wraps(func)
+    def scored_after_the_opener(completions: list, **kwargs) -> list[float]:
+        return func([f"{_THINK_OPEN}\n{completion_text(c)}" for c in completions], **kwargs)
+
+    return scored_after_the_opener
+
+
 def extract_answer(text: str) -> str | None:
     r"""The final answer of a completion: what follows the last `Answer:` on its line, else the last `\boxed{}`.
 
-    A `\boxed{}` or `$...$` wrapper and a trailing period on the `Answer:` line are removed. Returns `None` when
-    there is neither an `Answer:` line with content nor a boxed answer.
+    Only the final response is read (see `final_response`): an answer inside `<think> ... </think>` does not count,
+    and a thought never closed has none. A `\boxed{}` or `$...$` wrapper and a trailing period on the `Answer:` line
+    are removed. Returns `None` when there is neither an `Answer:` line with content nor a boxed answer.
 
     >>> extract_answer("2 + 2 = 4\nAnswer: $4$.")
     '4'
     >>> extract_answer(r"... so the result is \boxed{17}") , extract_answer("no idea")
     ('17', None)
     """
+    text = final_response(text)
+    if text is None:
+        return None
     matches = _ANSWER_LINE.findall(text)
     candidate = matches[-1].strip() if matches else ""
     if candidate:

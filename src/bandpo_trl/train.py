@@ -36,7 +36,7 @@ from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 from .checkpoints import resolve_resume_checkpoint
 from .config import BandGRPOConfig
 from .data import available_datasets, load_named_dataset, parse_dataset_paths
-from .rewards import available_rewards, get_reward_funcs
+from .rewards import available_rewards, get_reward_funcs, in_open_think, opens_think_block
 
 logger = logging.getLogger(__name__)
 
@@ -299,6 +299,9 @@ def train(
         load_train_dataset(script_args, training_args.seed), tokenizer, script_args.max_prompt_length
     )
     check_enough_prompts(train_dataset, training_args)
+    if not isinstance(train_dataset[0]["prompt"], str) and opens_think_block(tokenizer):
+        # DeepSeek-R1-Distill: the chat prompt ends in "<think>\n", so the rewards must see where the thought ends.
+        reward_funcs = [in_open_think(func) for func in reward_funcs]
     resume_from = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
 
     callbacks = []
