@@ -1039,3 +1039,29 @@ def test_callback_generates_through_the_trainer_vllm_server(tiny_model_dir, monk
     assert prompts == [encode_prompt(tokenizer, p) for p in problems["prompt"]] and n == 2
     assert kwargs["max_tokens"] == 5 and kwargs["generation_kwargs"] == {"seed": 3} and kwargs["logprobs"] is None
     assert metrics["eval/toy_arithmetic/pass@2"] == 1.0 and metrics["eval/toy_arithmetic/mean@2"] == 0.5
+
+
+def test_r1_style_thoughts_opened_by_the_template_are_scored_as_in_training():
+    """A template that opens <think> in the generation prompt: a completion that never closes the thought has no
+    final answer (even if it wrote one inside), one that closes it is scored on what follows, as `in_open_think`
+    scores training's rewards. Plain-text prompts get no template and so no opener."""
+    from datasets import Dataset
+
+    from bandpo_trl.tiny import build_tiny_tokenizer
+
+    tokenizer = build_tiny_tokenizer()
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['content'] }}\n{% endfor %}{% if add_generation_prompt %}A:<think>\n{% endif %}"
+    )
+    chat = [{"role": "user", "content": "1+1?"}]
+    dataset = Dataset.from_dict({"prompt": [chat], "answer": ["2"], "problem_id": ["p"]})
+    texts = ["so it is 2. Answer: 2", "so 2\n</think>\nAnswer: 2", "Answer: 2\n</think>\nAnswer: 3"]
+    generator = ScriptedGenerator(tokenizer, {"1+1?\nA:<think>\n": texts})
+    result = evaluate_benchmark("aime24", dataset, generator, tokenizer, k=3, show_progress=False)
+    assert result.records[0]["correct"] == [False, True, False]
+    assert result.records[0]["completions"] == texts  # saved as generated
+
+    plain = Dataset.from_dict({"prompt": ["1+1?"], "answer": ["2"], "problem_id": ["p"]})
+    generator = ScriptedGenerator(tokenizer, {"1+1?": texts})
+    result = evaluate_benchmark("aime24", plain, generator, tokenizer, k=3, show_progress=False)
+    assert result.records[0]["correct"] == [True, True, False]

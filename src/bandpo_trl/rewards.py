@@ -34,7 +34,7 @@ from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, veri
 _ANSWER_LINE = re.compile(r"answer\s*:\**\s*(.*)", re.IGNORECASE)
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
 _TOY_ANSWER = re.compile(r"-?\d+")
-_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 
 # How the extracted answer and the gold answer are read: LaTeX first (we wrap them in `$...$`), then a plain
 # expression such as `1/2` or `3.5`.
@@ -82,9 +82,9 @@ def final_response(text: str) -> str | None:
     >>> final_response("<think>\\nAnswer: 3?\\n</think>\\n\\nAnswer: 4"), final_response("<think>\\nAnswer: 3")
     ('\\n\\nAnswer: 4', None)
     """
-    if _THINK_CLOSE in text:
-        return text.rsplit(_THINK_CLOSE, 1)[1]
-    if _THINK_OPEN in text:
+    if THINK_CLOSE in text:
+        return text.rsplit(THINK_CLOSE, 1)[1]
+    if THINK_OPEN in text:
         return None
     return text
 
@@ -100,7 +100,7 @@ def opens_think_block(tokenizer) -> bool:
         )
     except Exception:  # a template that cannot render a bare user turn opens nothing we can see
         return False
-    return isinstance(prompt, str) and prompt.rstrip().endswith(_THINK_OPEN)
+    return isinstance(prompt, str) and prompt.rstrip().endswith(THINK_OPEN)
 
 
 def in_open_think(func: Callable[..., list[float]]) -> Callable[..., list[float]]:
@@ -110,7 +110,7 @@ def in_open_think(func: Callable[..., list[float]]) -> Callable[..., list[float]
 
     @functools.wraps(func)
     def scored_after_the_opener(completions: list, **kwargs) -> list[float]:
-        return func([f"{_THINK_OPEN}\n{completion_text(c)}" for c in completions], **kwargs)
+        return func([f"{THINK_OPEN}\n{completion_text(c)}" for c in completions], **kwargs)
 
     return scored_after_the_opener
 

@@ -20,6 +20,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..metrics import pass_at_k
+from ..rewards import THINK_OPEN, opens_think_block
 from .arguments import EVAL_SPLITS, EvalArguments
 from .generation import TransformersGenerator, VLLMGenerator, encode_prompt, is_conversational_prompt, resolve_backend
 from .loading import (
@@ -74,12 +75,17 @@ def evaluate_benchmark(
     samples = generator.generate(prompt_ids, k, desc=name)
     if len(samples) != len(prompts) or any(len(row) != k for row in samples):
         raise RuntimeError(f"the generator returned the wrong number of samples for {name!r}")
+    # A template that opens <think> in the generation prompt (DeepSeek-R1-Distill) makes every completion start
+    # inside the thought: score it as training's reward does (`in_open_think`), so a thought cut off at
+    # max_new_tokens has no final answer even if it wrote one along the way.
+    thought_opener = f"{THINK_OPEN}\n" if opens_think_block(tokenizer) else ""
     records = []
     for problem_id, prompt, gold, row in tqdm(
         list(zip(ids, prompts, golds, samples)), desc=f"{name}: scoring", unit="problem", disable=not show_progress
     ):
         texts = [sample.text for sample in row]
-        answers, correct = score_completions(texts, gold, checker=checker, extractor=extractor)
+        opener = thought_opener if is_conversational_prompt(prompt) else ""
+        answers, correct = score_completions([opener + t for t in texts], gold, checker=checker, extractor=extractor)
         record = {
             "problem_id": str(problem_id),
             "gold": gold,
