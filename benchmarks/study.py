@@ -264,10 +264,16 @@ def e2_run_metrics(run: dict, tail: float = 0.2) -> dict:
     steps = run["steps"]
     last = steps[-1]["step"]
     cutoff = last * (1 - tail)
+
+    def tail_mean(key: str) -> float:  # the values logged after the cutoff; the last one if a short run has none
+        xs, ys = series(steps, key)
+        late = [y for x, y in zip(xs, ys) if x > cutoff]
+        return statistics.fmean(late or ys[-1:])
+
     final = run["probe"][-1]
     out = {
-        "final_reward": statistics.fmean(r for s, r in zip(*series(steps, "reward")) if s > cutoff),
-        "final_entropy": statistics.fmean(e for s, e in zip(*series(steps, "entropy")) if s > cutoff),
+        "final_reward": tail_mean("reward"),
+        "final_entropy": tail_mean("entropy"),
         "entropy_start": series(steps, "entropy")[1][0],
         "reward_start": series(steps, "reward")[1][0],
         "probe_step": final["step"],

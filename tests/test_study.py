@@ -134,12 +134,12 @@ def test_e1_warmup_puts_the_rewarded_answer_in_the_tail(tmp_path):
 
 @pytest.mark.slow
 def test_quick_pipeline_end_to_end(tmp_path, monkeypatch):
-    """`study.py --quick` on both experiments (shrunk: short warm-ups, 8 steps, one seed): every run is trained by
+    """`study.py --quick` on both experiments (shrunk: short warm-ups, 4 steps, one seed): every run is trained by
     the trainer in a subprocess, then analysed into tables, per-run CSVs and plots."""
     for exp in ("e1", "e2"):
-        monkeypatch.setitem(study.SETTINGS[exp], "warmup_steps", 30)
-        monkeypatch.setitem(study.QUICK, exp, {"max_steps": 8})
-    monkeypatch.setitem(study.QUICK, "e2_probe_every", 4)
+        monkeypatch.setitem(study.SETTINGS[exp], "warmup_steps", 10)
+        monkeypatch.setitem(study.QUICK, exp, {"max_steps": 4})
+    monkeypatch.setitem(study.QUICK, "e2_probe_every", 2)
     out = tmp_path / "out"
     study.main(["--quick", "--seeds", "0", "--output-dir", str(out), "--warmup-cache", str(tmp_path / "warm")])
 
@@ -148,12 +148,12 @@ def test_quick_pipeline_end_to_end(tmp_path, monkeypatch):
             run_dir = out / exp / "runs" / f"{method}-s0"
             probe = json.loads((run_dir / "probe.json").read_text())
             history = json.loads((run_dir / "trainer_state.json").read_text())["log_history"]
-            assert [h["step"] for h in history if "loss" in h] == list(range(1, 9))
+            assert [h["step"] for h in history if "loss" in h] == list(range(1, 5))
             if exp == "e1":
-                assert [p["step"] for p in probe] == list(range(0, 9)) and 0 < probe[0]["p_rewarded"] < 1
+                assert [p["step"] for p in probe] == list(range(0, 5)) and 0 < probe[0]["p_rewarded"] < 1
                 assert any(f"study/pos_tokens/{b}" in history[1] for b in study.BUCKETS)
             else:
-                assert [p["step"] for p in probe] == [0, 4, 8]
+                assert [p["step"] for p in probe] == [0, 2, 4]
                 assert 0 <= probe[-1]["distinct_correct"] <= 32 and 0 <= probe[-1]["pass@32"] <= 1
         with open(out / f"study_{exp}_runs.csv") as f:
             rows = list(csv.DictReader(f))
