@@ -124,8 +124,7 @@ def e2_neighbours(d: int) -> tuple[int, ...]:
 
 
 def e2_count_table(length: int = E2_LENGTH) -> list[list[int]]:
-    """ways[k][d]: number of k-step walks from digit d (each step +-1, inside 0..9) ending at each target, as
-    ways[k][d][e] flattened to a dict-free list of lists: ways[k][d * 10 + e]."""
+    """ways[k][d * 10 + e]: the number of k-step walks (each step +-1, staying inside 0..9) from digit d to digit e."""
     ways = [[1 if d == e else 0 for d in range(10) for e in range(10)]]
     for _ in range(length):
         prev = ways[-1]
