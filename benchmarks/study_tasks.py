@@ -38,6 +38,7 @@ from transformers import TrainerCallback
 from bandpo_trl import BandGRPOTrainer
 from bandpo_trl.metrics import problem_pass_at_k
 from bandpo_trl.rewards import completion_text
+from bandpo_trl.train import load_tokenizer, make_parser, model_init_kwargs
 from bandpo_trl.trainer import PROB_BUCKETS
 
 # ------------------------------------------------------------------------------------------------------------ E1
@@ -316,22 +317,22 @@ def warm_up_task(task: str, cache_dir: str | os.PathLike, steps: int, learning_r
 
 def main(argv: list[str] | None = None) -> BandGRPOTrainer:
     """One run: `bandpo_trl.train`'s options (parsed by its own parser) with the task's data, reward and probe."""
-    from bandpo_trl.train import load_model_and_tokenizer, make_parser
-
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--task", choices=list(TASKS), required=True)
     parser.add_argument("--probe_every", type=int, default=1)
     parser.add_argument("--probe_k", type=int, default=32)
     known, rest = parser.parse_known_args(argv)
-    script_args, training_args, model_args = make_parser().parse_args_and_config(args=rest)
+    script_args, training_args, model_args, _ = make_parser().parse_args_and_config(args=rest)
     torch.set_num_threads(script_args.torch_num_threads or 1)
-    model, tokenizer = load_model_and_tokenizer(model_args, training_args)
+    # The warmed-up model is loaded by TRL's trainer from its directory, as `bandpo-train` loads any model.
+    tokenizer = load_tokenizer(model_args, training_args)
+    training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
     task = TASKS[known.task]
     probe = Probe(
         known.task, tokenizer, training_args.output_dir, known.probe_every, known.probe_k, training_args.seed
     )
     trainer = StudyTrainer(
-        model=model,
+        model=model_args.model_name_or_path,
         reward_funcs=[task["reward"]],
         args=training_args,
         train_dataset=task["train_dataset"](training_args.seed),
