@@ -279,19 +279,21 @@ class StudyTrainer(BandGRPOTrainer):
     @torch.no_grad()
     def _log_band_metrics(self, inputs, old_logps, logps, lower, upper) -> None:
         super()._log_band_metrics(inputs, old_logps, logps, lower, upper)
-        mask = inputs["completion_mask"].float()
         advantages = inputs["advantages"]
         if advantages.dim() == 1:
             advantages = advantages.unsqueeze(1)
-        upper = torch.as_tensor(upper, dtype=old_logps.dtype, device=old_logps.device).expand_as(old_logps)
-        positive = (advantages > 0).float() * mask
-        high = (torch.exp(logps - old_logps) > upper).float() * positive
+        positive = (advantages > 0).float() * self._token_mask(inputs)
+        high = (torch.exp(logps - old_logps) > self._as_token_bounds(upper, old_logps)).float() * positive
         probs = torch.exp(old_logps)
+        sums = []
+        for lo, hi, _ in PROB_BUCKETS:
+            in_bucket = self._in_bucket(probs, lo, hi)
+            sums += [(in_bucket * positive).sum(), (in_bucket * high).sum()]
+        counts = torch.stack(sums).tolist()  # one host transfer per micro-batch, as the trainer's own metrics
         metrics = self._metrics["train" if self.model.training else "eval"]
-        for lo, hi, name in PROB_BUCKETS:
-            in_bucket = ((probs >= lo) & (probs < hi) if hi < 1.0 else probs >= lo).float()
-            metrics[f"study/pos_tokens/{name}"].append((in_bucket * positive).sum().item())
-            metrics[f"study/pos_clip_high/{name}"].append((in_bucket * high).sum().item())
+        for i, (_, _, name) in enumerate(PROB_BUCKETS):
+            metrics[f"study/pos_tokens/{name}"].append(counts[2 * i])
+            metrics[f"study/pos_clip_high/{name}"].append(counts[2 * i + 1])
 
 
 TASKS = {

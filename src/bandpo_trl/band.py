@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .utils import import_module, import_object
+from .utils import import_module, import_object, is_import_path
 
 __all__ = [
     "Divergence",
@@ -254,11 +254,6 @@ def get_divergence(name: str | Divergence) -> Divergence:
             f"unknown divergence {name!r}; accepted: {', '.join(available_divergences())} "
             "(or register one with bandpo_trl.register_divergence)"
         ) from None
-
-
-def is_import_path(name) -> bool:
-    """Whether a divergence name that is not registered is to be read as an import path (it has a '.' or ':')."""
-    return isinstance(name, str) and ("." in name or ":" in name)
 
 
 def resolve_divergence(name: str) -> str:

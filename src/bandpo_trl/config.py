@@ -7,7 +7,8 @@ from dataclasses import dataclass, field, fields
 
 from trl import GRPOConfig
 
-from .band import _check_max_ratio, _check_positive, available_divergences, is_import_path, resolve_divergence
+from .band import _check_max_ratio, _check_positive, available_divergences, resolve_divergence
+from .utils import is_import_path
 
 CLIP_RULES = ("band", "clip", "dcpo")
 # TRL loss types whose surrogate is the PPO ratio clip `clamp(r, 1 - eps_low, 1 + eps_high)`.

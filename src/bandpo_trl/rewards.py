@@ -31,6 +31,8 @@ from collections.abc import Callable
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
+from .utils import import_object, is_import_path
+
 _ANSWER_LINE = re.compile(r"answer\s*:\**\s*(.*)", re.IGNORECASE)
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
 _TOY_ANSWER = re.compile(r"-?\d+")
@@ -247,11 +249,9 @@ def get_reward_funcs(names: list[str]) -> list[Callable[..., list[float]]]:
         ValueError: a name that is neither registered nor an import path (the message lists the known ones), or
             an import path that does not lead to a callable.
     """
-    from .utils import import_object
-
     if isinstance(names, str):
         names = [names]
-    unknown = [name for name in names if name not in REWARD_FUNCS and "." not in name and ":" not in name]
+    unknown = [name for name in names if name not in REWARD_FUNCS and not is_import_path(name)]
     if unknown:
         raise ValueError(
             f"Unknown reward function(s) {unknown}. Known rewards: {', '.join(available_rewards())}, or an import "

@@ -306,7 +306,7 @@ def train(
 
     callbacks = []
     if script_args.eval_every_steps > 0 and script_args.eval_benchmarks:
-        from .evaluate import BenchmarkEvalCallback
+        from .evaluation import BenchmarkEvalCallback
 
         callbacks.append(
             BenchmarkEvalCallback(

@@ -154,6 +154,11 @@ class BandGRPOTrainer(GRPOTrainer):
         return torch.as_tensor(bound, dtype=old_logps.dtype, device=old_logps.device).expand_as(old_logps)
 
     @staticmethod
+    def _in_bucket(probs: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
+        # 1.0 where an old probability lies in [lo, hi); the last bucket also holds p = 1.
+        return ((probs >= lo) & (probs < hi) if hi < 1.0 else probs >= lo).float()
+
+    @staticmethod
     def _invalid_bounds(old_logps, lower, upper) -> torch.Tensor:
         """Tokens whose interval violates ``lower <= 1 <= upper`` (NaN bounds too, unless the old log-prob is NaN)."""
         return ~((lower <= 1) & (upper >= 1)) & ~old_logps.isnan()
@@ -200,7 +205,7 @@ class BandGRPOTrainer(GRPOTrainer):
         probs = torch.exp(old_logps)
         sums = [mask.sum(), (lower * mask).sum(), (upper * mask).sum(), invalid.sum()]
         for lo, hi, _ in PROB_BUCKETS:
-            in_bucket = ((probs >= lo) & (probs < hi) if hi < 1.0 else probs >= lo).float()
+            in_bucket = self._in_bucket(probs, lo, hi)
             sums += [(in_bucket * mask).sum(), (in_bucket * low).sum(), (in_bucket * high).sum()]
         # One reduction and one host transfer for all of them.
         totals = self.accelerator.reduce(torch.stack(sums).float(), reduction="sum").tolist()

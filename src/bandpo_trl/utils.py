@@ -8,7 +8,12 @@ import sys
 from types import ModuleType
 from typing import Any
 
-__all__ = ["import_module", "import_object"]
+__all__ = ["import_module", "import_object", "is_import_path"]
+
+
+def is_import_path(name) -> bool:
+    """Whether a name that is not registered is to be read as an import path (it has a '.' or ':')."""
+    return isinstance(name, str) and ("." in name or ":" in name)
 
 
 def import_object(path: str, *, require_callable: bool = False) -> Any:

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 from accelerate import PartialState
-from accelerate.utils import gather_object
+from accelerate.utils import extract_model_from_parallel, gather_object
 from transformers import TrainerCallback
 from trl.models import unwrap_model_for_generation
 
@@ -22,12 +22,6 @@ from .runner import _write_jsonl, evaluate_benchmark
 from .scoring import summarize_benchmark
 
 logger = logging.getLogger(__name__)
-
-
-def _unwrap(model):
-    while hasattr(model, "module") and isinstance(model.module, torch.nn.Module):  # DDP and friends
-        model = model.module
-    return model
 
 
 def merge_shards(pairs: Sequence[tuple[int, Any]]) -> list[Any]:
@@ -366,7 +360,7 @@ class BenchmarkEvalCallback(TrainerCallback):
                 # Full parameters on every process (DDP, ZeRO-1/2, ZeRO-3 gathered): each generates on its own.
                 synced_gpus = world > 1 and (backend.is_fsdp or (backend.is_zero3 and not gather))
             else:
-                unwrapped, synced_gpus = _unwrap(model), world > 1
+                unwrapped, synced_gpus = extract_model_from_parallel(model), world > 1
             yield (
                 TransformersGenerator(
                     unwrapped,

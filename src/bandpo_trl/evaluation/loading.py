@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 
@@ -79,8 +78,7 @@ def resolve_model_and_adapter(model: str, adapter: str | None = None) -> tuple[s
     """
     adapter_config = os.path.join(model, "adapter_config.json")
     if adapter is None and os.path.isfile(adapter_config) and not os.path.isfile(os.path.join(model, "config.json")):
-        with open(adapter_config, encoding="utf-8") as handle:
-            base = json.load(handle).get("base_model_name_or_path")
+        base = adapter_base_model(model)
         if base:
             logger.info("%s is a LoRA adapter: evaluating its base model %s with the adapter applied", model, base)
             return base, model
