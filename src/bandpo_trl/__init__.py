@@ -9,6 +9,7 @@ from .band import (
     register_divergence,
     solve_band,
 )
+from .clip_rules import ClipRule, available_clip_rules, get_clip_rule, register_clip_rule
 from .config import BandGRPOConfig
 from .trainer import BandGRPOTrainer
 
@@ -17,11 +18,15 @@ __version__ = "0.1.0"
 __all__ = [
     "BandGRPOConfig",
     "BandGRPOTrainer",
+    "ClipRule",
     "Divergence",
+    "available_clip_rules",
     "available_divergences",
     "band_bounds",
     "dcpo_bounds",
+    "get_clip_rule",
     "get_divergence",
+    "register_clip_rule",
     "register_divergence",
     "solve_band",
 ]
