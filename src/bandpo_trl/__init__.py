@@ -15,7 +15,22 @@ from .trainer import BandGRPOTrainer
 
 __version__ = "0.1.0"
 
+# TRL's asynchronous GRPO is experimental: its trainer is imported (and TRL's version checked) on first use only, so
+# `import bandpo_trl` works whatever TRL's experimental API looks like.
+_ASYNC_EXPORTS = {"BandAsyncGRPOConfig": "async_config", "BandAsyncGRPOTrainer": "async_trainer"}
+
+
+def __getattr__(name):
+    if name in _ASYNC_EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_ASYNC_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "BandAsyncGRPOConfig",
+    "BandAsyncGRPOTrainer",
     "BandGRPOConfig",
     "BandGRPOTrainer",
     "ClipRule",

@@ -197,13 +197,11 @@ def check_clip_rule(rule: ClipRule, args) -> None:
         )
 
 
-def validate_band_options(args) -> None:
-    """Check the clipping options of `args` (a `BandGRPOConfig`) against each other and against TRL's options.
-
-    Raises `ValueError` naming the bad value and what is accepted; warns when the configuration makes the
-    clipping rule a no-op, and when options the rule does not read are set.
+def validate_clip_rule_options(args) -> ClipRule:
+    """The checks of the clipping options that hold for every trainer of the package (`BandGRPOConfig` and
+    `BandAsyncGRPOConfig`): the rule is registered (or an importable path), the divergence is known, the numbers are
+    in range, the rule's bounds pass a probe. Warns when options the rule does not read are set. Returns the rule.
     """
-    warn_on_mid_batch_checkpoints(args)
     rule = get_clip_rule(band_option(args, "clip_rule"))
     divergence = band_option(args, "band_divergence")
     if not is_import_path(divergence) and divergence not in available_divergences():
@@ -224,6 +222,17 @@ def validate_band_options(args) -> None:
     _check_max_ratio(band_option(args, "band_max_ratio"), "band_max_ratio")
     warn_on_unread_options(args, rule)
     check_clip_rule(rule, args)
+    return rule
+
+
+def validate_band_options(args) -> None:
+    """Check the clipping options of `args` (a `BandGRPOConfig`) against each other and against TRL's options.
+
+    Raises `ValueError` naming the bad value and what is accepted; warns when the configuration makes the
+    clipping rule a no-op, and when options the rule does not read are set.
+    """
+    warn_on_mid_batch_checkpoints(args)
+    rule = validate_clip_rule_options(args)
     if rule.trl_clip:
         return  # TRL's own clip: every TRL option stays available
 
@@ -271,7 +280,7 @@ def warn_on_unread_options(args, rule: ClipRule) -> None:
             f"clip_rule={rule.name!r} does not read {', '.join(unread)}: these settings have no effect (it reads "
             f"{reads}). Remove them, or choose a rule that uses them (available: {', '.join(available_clip_rules())}).",
             UserWarning,
-            stacklevel=4,
+            stacklevel=5,
         )
 
 
