@@ -29,7 +29,8 @@ RECIPES = os.path.join(ROOT, "recipes")
 TRAINING_RECIPES = sorted(
     os.path.relpath(path, RECIPES)
     for path in glob.glob(os.path.join(RECIPES, "**", "*.yaml"), recursive=True)
-    if "accelerate_configs" not in path
+    # Asynchronous recipes (`*_async.yaml`) are read by `bandpo_trl.train_async`: tests/test_async_recipe.py.
+    if "accelerate_configs" not in path and not path.endswith("_async.yaml")
 )
 ACCELERATE_CONFIGS = sorted(glob.glob(os.path.join(RECIPES, "accelerate_configs", "*.yaml")))
 PAPER_MODELS = {
