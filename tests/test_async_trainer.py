@@ -526,3 +526,42 @@ def test_import_bandpo_trl_does_not_import_the_async_api():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert "found trl 1.17.0" in out and "trl>=1.16,<1.17" in out
+
+
+@pytest.mark.slow
+def test_lora_trains_on_stale_samples(tiny_model_dir, tokenizer, tiny_train_dataset, tmp_path):
+    """With a LoRA adapter the server receives merged weights (TRL's merged sync) and only the adapter trains."""
+    from peft import LoraConfig
+
+    args = config(BandAsyncGRPOConfig, tmp_path, max_steps=3)
+    transfer = SnapshotWeightTransfer()
+    worker = StaleRolloutWorker(
+        str(tiny_model_dir),
+        tokenizer,
+        tiny_train_dataset,
+        transfer,
+        staleness=1,
+        num_generations=4,
+        max_completion_length=args.max_completion_length,
+        temperature=args.temperature,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer = BandAsyncGRPOTrainer(
+            str(tiny_model_dir),
+            args=args,
+            processing_class=tokenizer,
+            train_dataset=tiny_train_dataset,
+            rollout_worker=worker,
+            weight_transfer=transfer,
+            peft_config=LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        )
+        trainer.train()
+    assert trainer.state.global_step == 3
+    assert all("lora" not in name for name in transfer.snapshots[1])  # base names, adapter merged
+    assert not torch.equal(
+        transfer.snapshots[1]["model.layers.0.self_attn.q_proj.weight"],
+        transfer.snapshots[4]["model.layers.0.self_attn.q_proj.weight"],
+    )
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert all("band/upper_mean" in h for h in logs) and logs[-1]["band/staleness/1"] == 1.0
