@@ -1,4 +1,5 @@
-"""Shared fixtures: the tiny locally built model (no Hub access anywhere in the suite)."""
+"""Shared fixtures: the tiny locally built model (no Hub access anywhere in the suite), a restored divergence
+registry."""
 
 from __future__ import annotations
 
@@ -26,3 +27,17 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_train_dataset():
     return Dataset.from_dict({"prompt": [f"{i}+{i}=" for i in range(8)]})
+
+
+@pytest.fixture
+def divergence_registry():
+    """The divergence registry is restored after the test: divergences it registers (by name or by import path) are
+    dropped, and ones it replaces come back."""
+    from bandpo_trl import divergences
+
+    registry, aliases = dict(divergences._REGISTRY), dict(divergences._ALIASES)
+    yield
+    divergences._REGISTRY.clear()
+    divergences._REGISTRY.update(registry)
+    divergences._ALIASES.clear()
+    divergences._ALIASES.update(aliases)

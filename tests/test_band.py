@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bandpo_trl import available_divergences, band_bounds, dcpo_bounds, register_divergence
-from bandpo_trl import band as band_module
+from bandpo_trl.divergences import check_generator, get_divergence
 
 BUILTIN = ("kl", "rkl", "tv", "chi2", "hellinger")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -447,6 +447,7 @@ def test_extreme_p_rules_switch_exactly_at_the_thresholds(divergence, dtype):
     assert ((lower == 0) & (upper == 10)).tolist()[3:] == [True, True, True]
 
 
+@pytest.mark.usefixtures("divergence_registry")
 def test_closed_form_in_p_and_q_agrees_with_the_odds_form():
     """The two ways to give a closed form (``raw_bounds(p, q, delta)`` with masks for the extreme-p rules, and
     ``odds_bounds(t, delta)``) give the same capped and raw bounds: chi2 written in p and q by hand."""
@@ -458,15 +459,12 @@ def test_closed_form_in_p_and_q_agrees_with_the_odds_form():
     register_divergence(
         "test_band_chi2_pq", lambda u: (u - 1).square(), chi2_in_p_and_q, lambda delta: 1.0, overwrite=True
     )
-    try:
-        x = torch.log(torch.cat([torch.tensor([0.0, 1e-12, 1e-7, 5e-7, 1 - 1e-7, 1 - 1e-9, 1.0]), P_GRID])).double()
-        for delta in DELTAS:
-            for max_ratio in (None, 1.0, 10.0):
-                got = band_bounds(x, "test_band_chi2_pq", delta, max_ratio)
-                want = band_bounds(x, "chi2", delta, max_ratio)
-                torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
-    finally:
-        band_module._REGISTRY.pop("test_band_chi2_pq", None)
+    x = torch.log(torch.cat([torch.tensor([0.0, 1e-12, 1e-7, 5e-7, 1 - 1e-7, 1 - 1e-9, 1.0]), P_GRID])).double()
+    for delta in DELTAS:
+        for max_ratio in (None, 1.0, 10.0):
+            got = band_bounds(x, "test_band_chi2_pq", delta, max_ratio)
+            want = band_bounds(x, "chi2", delta, max_ratio)
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -474,15 +472,13 @@ def test_closed_form_in_p_and_q_agrees_with_the_odds_form():
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def from_f():
+@pytest.fixture
+def from_f(divergence_registry):
     """chi2 and kl registered from f alone (no closed form, no limit): names of the registered copies."""
     names = {"chi2": "test_band_chi2_from_f", "kl": "test_band_kl_from_f"}
     register_divergence(names["chi2"], lambda u: (u - 1).square(), overwrite=True)
     register_divergence(names["kl"], lambda u: u - 1 - torch.log(u), overwrite=True)
-    yield names
-    for name in names.values():
-        band_module._REGISTRY.pop(name, None)
+    return names
 
 
 def test_registered_names_are_listed(from_f):
@@ -771,18 +767,16 @@ def js_generator(u):
         (lambda u: u.undefined_method(), r"raised AttributeError: .*undefined_method"),
     ],
 )
+@pytest.mark.usefixtures("divergence_registry")
 def test_register_refuses_bad_generators(f, message):
     name = "test_band_bad_generator"
-    try:
-        with pytest.raises(ValueError, match=rf"divergence '{name}': (the generator f )?.*{message}"):
-            register_divergence(name, f)
-        assert name not in available_divergences()
-        # Replacing an existing divergence with a bad generator leaves the registered one in place.
-        with pytest.raises(ValueError, match=message):
-            register_divergence("chi2", f, overwrite=True)
-        assert band_module.get_divergence("chi2").odds_bounds is not None
-    finally:
-        band_module._REGISTRY.pop(name, None)
+    with pytest.raises(ValueError, match=rf"divergence '{name}': (the generator f )?.*{message}"):
+        register_divergence(name, f)
+    assert name not in available_divergences()
+    # Replacing an existing divergence with a bad generator leaves the registered one in place.
+    with pytest.raises(ValueError, match=message):
+        register_divergence("chi2", f, overwrite=True)
+    assert get_divergence("chi2").odds_bounds is not None
 
 
 @pytest.mark.parametrize(
@@ -798,20 +792,19 @@ def test_register_refuses_bad_generators(f, message):
         lambda u: 1e-6 * (u - 1).square(),  # small but not zero
     ],
 )
+@pytest.mark.usefixtures("divergence_registry")
 def test_register_accepts_valid_generators(f):
-    try:
-        register_divergence("test_band_good_generator", f)
-        lower, upper = band_bounds(torch.log(torch.tensor([0.01, 0.5, 0.99])), "test_band_good_generator", 0.05)
-        assert (lower <= 1).all() and (upper >= 1).all()
-    finally:
-        band_module._REGISTRY.pop("test_band_good_generator", None)
+    register_divergence("test_band_good_generator", f)
+    lower, upper = band_bounds(torch.log(torch.tensor([0.01, 0.5, 0.99])), "test_band_good_generator", 0.05)
+    assert (lower <= 1).all() and (upper >= 1).all()
 
 
 def test_builtin_generators_pass_the_check():
     for name in BUILTIN:
-        band_module.check_generator(name, band_module.get_divergence(name).f)
+        check_generator(name, get_divergence(name).f)
 
 
+@pytest.mark.usefixtures("divergence_registry")
 def test_generator_check_calls_f_twice_on_small_tensors():
     calls = []
 
@@ -819,8 +812,5 @@ def test_generator_check_calls_f_twice_on_small_tensors():
         calls.append(tuple(u.shape))
         return (u - 1).square()
 
-    try:
-        register_divergence("test_band_counted", f)
-    finally:
-        band_module._REGISTRY.pop("test_band_counted", None)
+    register_divergence("test_band_counted", f)
     assert calls == [(202,), (2, 75)]
