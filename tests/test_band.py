@@ -750,6 +750,8 @@ def js_generator(u):
         (lambda u: torch.ones_like(u), r"must satisfy f\(1\) = 0, got f\(1\) = 1"),
         (lambda u: (u - 1).square() + 0.1, r"must satisfy f\(1\) = 0, got f\(1\) = 0.1"),
         (lambda u: torch.zeros_like(u), r"identically 0 on \[0, 1e6\].*no trust region"),
+        (lambda u: torch.where(u == 0, math.inf, 0.0), r"identically 0 on \[0, 1e6\]"),  # +inf at 0 only
+        (lambda u: 1e-320 * (u - 1).square(), r"identically 0 on \[0, 1e6\] \(no value reaches 2.23e-308\)"),
         (lambda u: torch.xlogy(u, u), r"must be non-negative, got f\(1e-06\) = -1.38155e-05.*u log u - u \+ 1"),
         (
             lambda u: (u - 1).square().sum(),
@@ -790,6 +792,7 @@ def test_register_refuses_bad_generators(f, message):
         lambda u: torch.xlogy(u, u) - u + 1,
         lambda u: torch.relu(u - 2),  # zero on [0, 2]: a valid (if odd) divergence
         lambda u: 1e-6 * (u - 1).square(),  # small but not zero
+        lambda u: 1e-30 * (u - 1).square(),  # the checks are relative to f's own magnitude
     ],
 )
 @pytest.mark.usefixtures("divergence_registry")
@@ -797,6 +800,31 @@ def test_register_accepts_valid_generators(f):
     register_divergence("test_band_good_generator", f)
     lower, upper = band_bounds(torch.log(torch.tensor([0.01, 0.5, 0.99])), "test_band_good_generator", 0.05)
     assert (lower <= 1).all() and (upper >= 1).all()
+
+
+@pytest.mark.usefixtures("divergence_registry")
+@pytest.mark.parametrize("scale", [1e-30, 1e30])
+def test_generator_check_does_not_depend_on_scale(scale):
+    """c f is the divergence of f times c: it is accepted or refused as f is, and its bounds at c delta are those
+    of f at delta (chi2 from its generator alone against the closed form)."""
+    register_divergence("test_band_scaled_chi2", lambda u: scale * (u - 1).square())
+    logp = torch.log(P_GRID)
+    for delta in (0.01, 0.05):
+        lower, upper = band_bounds(logp, "test_band_scaled_chi2", delta * scale, None)
+        lower_b, upper_b = band_bounds(logp, "chi2", delta, None)
+        torch.testing.assert_close(upper, upper_b, rtol=1e-9, atol=0)
+        torch.testing.assert_close(lower, lower_b, rtol=1e-9, atol=1e-12)  # as for chi2 from f at scale 1
+    refused = [
+        (lambda u: torch.xlogy(u, u), r"must be non-negative, got f\(1e-06\) = -1.38155e[-+]\d+"),
+        (lambda u: (u - 1).square() + 0.1, r"must satisfy f\(1\) = 0"),
+        (lambda u: torch.minimum((u - 1).abs(), torch.ones_like(u)), r"must be convex"),
+        (lambda u: (u - u.mean()).square(), r"not elementwise"),
+        (lambda u: 0 * u, r"identically 0 on \[0, 1e6\]"),
+    ]
+    for f, message in refused:
+        with pytest.raises(ValueError, match=message):
+            register_divergence("test_band_scaled_bad", lambda u, f=f: scale * f(u))
+    assert "test_band_scaled_bad" not in available_divergences()
 
 
 def test_builtin_generators_pass_the_check():

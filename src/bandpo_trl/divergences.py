@@ -83,10 +83,14 @@ _PROBE = _PROBE.sort().values
 # A fixed shuffle of 150 of the 202 points as a (2, 75) batch: an elementwise f gives the same values there (the solver
 # calls f on (2, *shape) tensors), one that reduces, normalises or looks at positions does not.
 _PROBE_SUBSET = torch.randperm(len(_PROBE), generator=torch.Generator().manual_seed(0))[:150]
-_ATOL = 1e-10  # on f(1) = 0, f >= 0 and "not identically zero"
+# The grid points on either side of u = 1, where a generator that is not 0 there is smallest.
+_NEXT_TO_ONE = torch.tensor([int((_PROBE < 1).sum()) - 1, int((_PROBE <= 1).sum())])
+# Allowance on f(1) = 0 and f >= 0, in units of f's own magnitude (see _magnitude): any scale of f is judged alike.
+_ATOL = 1e-10
 # Rounding allowances, relative: wide enough for an f computed in float32, far below any real concavity or
 # dependence on other elements.
 _RTOL = 1e-6
+_TINY = torch.finfo(torch.float64).tiny
 
 
 def _fmt(x: float) -> str:
@@ -116,6 +120,18 @@ def _probe(name: str, f: Callable[[torch.Tensor], torch.Tensor], u: torch.Tensor
     return y.detach().to(torch.float64)
 
 
+def _magnitude(y: torch.Tensor) -> float | None:
+    """The unit the checks measure f in: the larger |f| at the two grid points next to 1 (a 0 at 1 is judged against
+    the values around it); where f vanishes there, the largest finite |f| on the grid; ``None`` when no finite value
+    reaches float64's smallest normal number (f is identically 0)."""
+    finite = y.abs().nan_to_num(0.0, posinf=0.0)
+    for candidates in (finite[_NEXT_TO_ONE], finite):
+        magnitude = candidates.max().item()
+        if magnitude >= _TINY:
+            return magnitude
+    return None
+
+
 def check_generator(name: str, f: Callable[[torch.Tensor], torch.Tensor]) -> None:
     """Raise ``ValueError`` unless ``f`` is a usable f-divergence generator (called by :func:`register_divergence`).
 
@@ -123,15 +139,19 @@ def check_generator(name: str, f: Callable[[torch.Tensor], torch.Tensor]) -> Non
     out as in; the same values on a shuffled (2, 75) sub-batch), finite on (0, inf) (f(0) may be +inf, as for kl),
     zero at 1, non-negative, convex (up to rounding) and not identically zero. A generator failing any of these
     would register and then give no trust region at all (every bound (0, min(1/p, cap))) or frozen tokens (1, 1).
+    The verdict does not depend on the scale of ``f``: rounding allowances are relative to f's own magnitude, so
+    ``c f`` (the same trust region at ``c delta``) passes or fails as ``f`` does for any ``c > 0``.
     """
     u = _PROBE
     y = _probe(name, f, u)
+    magnitude = _magnitude(y)
+    scale = 1.0 if magnitude is None else magnitude
     sub = _PROBE_SUBSET
     y_sub = _probe(name, f, u[sub].reshape(2, -1)).reshape(-1)
     both = torch.isfinite(y[sub]) & torch.isfinite(y_sub)
     # Equal up to rounding (vectorised and scalar kernels may differ in the last bits); inf and NaN exactly.
     exact = (y_sub == y[sub]) | (y_sub.isnan() & y[sub].isnan())
-    same = torch.where(both, (y_sub - y[sub]).abs() <= _RTOL * y[sub].abs() + 1e-15, exact)
+    same = torch.where(both, (y_sub - y[sub]).abs() <= _RTOL * y[sub].abs() + 1e-15 * scale, exact)
     if not same.all():
         i = int(sub[~same][0])
         j = int((~same).nonzero()[0])
@@ -150,10 +170,11 @@ def check_generator(name: str, f: Callable[[torch.Tensor], torch.Tensor]) -> Non
             + (" (for u log u, torch.xlogy(u, u) gives the limit 0 at u = 0)" if u[i] == 0 and y[i].isnan() else "")
         )
     at_one = y[u == 1].item()
-    if not abs(at_one) <= _ATOL:
+    if not abs(at_one) <= _ATOL * scale:
         raise ValueError(f"divergence {name!r}: the generator f must satisfy f(1) = 0, got f(1) = {_fmt(at_one)}")
-    if (y < -_ATOL).any():
-        i = int((y < -_ATOL).nonzero()[0])
+    negative = y < -_ATOL * scale
+    if negative.any():
+        i = int(negative.nonzero()[0])
         raise ValueError(
             f"divergence {name!r}: the generator f must be non-negative, got f({_fmt(u[i].item())}) = "
             f"{_fmt(y[i].item())}. (A convex f with f(1) = 0 is non-negative when f'(1) = 0; adding c (u - 1) "
@@ -165,7 +186,7 @@ def check_generator(name: str, f: Callable[[torch.Tensor], torch.Tensor]) -> Non
     weight = (x[2:] - x[1:-1]) / (x[2:] - x[:-2])
     chord = weight * v[:-2] + (1 - weight) * v[2:]
     excess = v[1:-1] - chord
-    tolerance = _RTOL * (v[:-2].abs() + v[1:-1].abs() + v[2:].abs()) + 1e-300
+    tolerance = _RTOL * (v[:-2].abs() + v[1:-1].abs() + v[2:].abs()) + _TINY
     concave = excess > tolerance
     if concave.any():
         i = int(concave.nonzero()[0])
@@ -174,10 +195,11 @@ def check_generator(name: str, f: Callable[[torch.Tensor], torch.Tensor]) -> Non
             f"{_fmt(v[i + 1].item())} lies above the chord from f({_fmt(x[i].item())}) = {_fmt(v[i].item())} to "
             f"f({_fmt(x[i + 2].item())}) = {_fmt(v[i + 2].item())}"
         )
-    if not (v > _ATOL).any():
+    if magnitude is None:
         raise ValueError(
-            f"divergence {name!r}: the generator f is identically 0 on [0, 1e6]: that divergence is 0 for every "
-            "policy, so there is no trust region (every token would get the bounds (0, min(1/p, cap)))"
+            f"divergence {name!r}: the generator f is identically 0 on [0, 1e6] (no value reaches {_TINY:.3g}): that "
+            "divergence is 0 for every policy, so there is no trust region (every token would get the bounds "
+            "(0, min(1/p, cap)))"
         )
 
 
