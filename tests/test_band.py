@@ -1,4 +1,4 @@
-"""Tests for the Band operator (``bandpo_trl.band``) against BANDPO.md sections 2-4.
+"""Tests for the Band operator (``bandpo_trl.band``) against docs/method.md §2-§4 and §5.4.
 
 The truth used here is independent of the implementation: the reference CSV (60-digit bisection) and
 ``g(p, r)`` written out below in mpmath at 50 digits (mpmath comes with torch, through sympy).
@@ -29,7 +29,7 @@ DEVICES = [
 ]
 
 # ----------------------------------------------------------------------------------------------------------------
-# Independent truth: f, f''(1), lim_{p -> 1} l(p), and g(p, r) at 50 digits (BANDPO.md section 2).
+# Independent truth: f, f''(1), lim_{p -> 1} l(p), and g(p, r) at 50 digits (docs/method.md §2).
 # ----------------------------------------------------------------------------------------------------------------
 
 mpmath.mp.dps = 50
@@ -212,7 +212,7 @@ def test_roots_solve_g_equals_delta(row):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Properties of BANDPO.md section 2, on a dense float64 grid of p
+# Properties of docs/method.md §2.4, on a dense float64 grid of p
 # ----------------------------------------------------------------------------------------------------------------
 
 _TAIL = torch.logspace(-12, math.log10(0.5), 300, dtype=torch.float64)
@@ -401,7 +401,7 @@ def test_random_inputs_valid_and_mirrored(logp, delta, divergence, dtype, max_ra
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The capped form (BANDPO.md section 3)
+# The capped form (docs/method.md §4.2)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -520,7 +520,7 @@ def test_generator_only_matches_builtin_on_grid(from_f, divergence, delta):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# DCPO (BANDPO.md section 4)
+# DCPO (docs/method.md §5.4)
 # ----------------------------------------------------------------------------------------------------------------
 
 

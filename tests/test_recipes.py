@@ -5,7 +5,7 @@ Training recipes go through the real parser (`TrlParser`, unknown keys are error
 transformers refuses `bf16: true` on a machine without a GPU unless `use_cpu` is set, so GPU recipes are parsed
 with `--use_cpu true` added on the command line and nothing else changed; the test then checks that every value
 of the YAML file arrived unchanged. vLLM is only needed when the trainer starts, not by the config.
-The paper's numbers are checked against BANDPO.md section 5, written out here.
+The paper's numbers are checked against docs/method.md §7.3, written out here.
 """
 
 from __future__ import annotations

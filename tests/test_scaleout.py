@@ -5,7 +5,7 @@ Every launch is parsed by the tools that would run it: accelerate's own `acceler
 arguments after `-m bandpo_trl.train` (the recipe plus any overrides), TRL's `trl vllm-serve` parser for the server.
 Launches come from three places: the commands written in recipes/README.md, the commands `slurm/train.slurm` builds
 for N nodes (run in its dry-run mode with a stand-in `scontrol`), and the table of batch arithmetic in the README.
-The paper's batch (BANDPO.md section 5): 1024 completions (64 prompts x 16) per optimizer step, 4096 (256 x 16) per
+The paper's batch (docs/method.md §7.3): 1024 completions (64 prompts x 16) per optimizer step, 4096 (256 x 16) per
 generation batch, so 4 optimizer steps per generation batch; the one-GPU LoRA recipes use a quarter of it.
 """
 

@@ -154,7 +154,7 @@ def test_plain_grpo_config_gets_band_defaults(tiny_model_dir, tiny_train_dataset
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Band: the loss is BANDPO.md section 3's formula
+# Band: the loss is the formula of docs/method.md §5.1
 # ---------------------------------------------------------------------------------------------------------------
 
 

@@ -334,7 +334,7 @@ def band_bounds(
         divergence: a name from :func:`available_divergences` (``"kl"``, ``"rkl"``, ``"tv"``, ``"chi2"``,
             ``"hellinger"``, or one registered with :func:`register_divergence`).
         delta: trust-region radius, > 0.
-        max_ratio: cap on ``upper`` (the paper's 10). With a number, the rules of BANDPO.md section 3 apply:
+        max_ratio: cap on ``upper`` (the paper's 10). With a number, the rules of docs/method.md §4.2 apply:
             ``p < 1e-6`` gives ``(0, max_ratio)``, ``p > 1 - 1e-6`` gives ``(lim_{p->1} l, 1)``, and the bounds are
             clamped to ``[0, 1]`` and ``[1, max_ratio]``. ``None`` returns the raw interval ``[l, u]`` inside
             ``[0, 1/p]`` (with ``p`` floored so that ``1/p`` stays finite in the input's dtype).
@@ -377,7 +377,7 @@ def dcpo_bounds(
     epsilon_high: float = 0.2,
     max_ratio: float | None = 10.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """DCPO's dynamic adaptive clipping bounds (BANDPO.md section 4), same conventions as :func:`band_bounds`.
+    """DCPO's dynamic adaptive clipping bounds (docs/method.md §5.4), same conventions as :func:`band_bounds`.
 
     ``l = 1/2 + 1/2 sqrt(max(1 - 4 eps_l / p, 0))``, ``u = 1/2 + 1/2 sqrt(1 + 4 eps_h / p)``, ``u`` capped at
     ``max_ratio``. Unlike Band it ignores the simplex limit ``u <= 1/p``.
