@@ -1,4 +1,4 @@
-"""Where does Band help? The pre-registered study of issue 11 (design and results: docs/study.md).
+"""Where does Band help? The pre-registered study (design and results: docs/study.md).
 
 E1 tail learning and E2 exploration over long completions (tasks: `benchmarks/study_tasks.py`), six clipping rules
 (those of `toy_reproduction.py`: clip [0.8, 1.2], Clip-Higher [0.8, 1.28], DCPO, Band KL/TV/chi2 at delta 0.05),

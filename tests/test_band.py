@@ -728,7 +728,7 @@ def test_bad_dcpo_epsilon(name, value):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Generator checks at registration (issue 12): a generator that would disable or freeze clipping is refused
+# Generator checks at registration: a generator that would disable or freeze clipping is refused
 # ----------------------------------------------------------------------------------------------------------------
 
 

@@ -1,4 +1,4 @@
-"""Import paths: `bandpo_trl.utils.import_object` and `band_divergence` given as a module path (issue 12)."""
+"""Import paths: `bandpo_trl.utils.import_object` and `band_divergence` given as a module path."""
 
 from __future__ import annotations
 

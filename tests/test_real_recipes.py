@@ -1,4 +1,4 @@
-r"""The paper recipes on their real tokenizers and chat templates, offline (issue 15).
+r"""The paper recipes on their real tokenizers and chat templates, offline.
 
 Every paper recipe (`recipes/<Model>/<method>/*.yaml`, not `tiny`) trains two optimizer steps through the installed
 `bandpo-train` on a toy-size random-init copy of its model (real tokenizer, chat template, vocabulary and

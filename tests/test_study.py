@@ -1,4 +1,4 @@
-"""The study of issue 11 (`benchmarks/study.py`, `benchmarks/study_tasks.py`): its tasks, statistics and pipeline."""
+"""The study of where Band helps (`benchmarks/study.py`, `benchmarks/study_tasks.py`): its tasks, statistics and pipeline."""
 
 from __future__ import annotations
 

@@ -354,7 +354,7 @@ def test_on_policy_warning(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Bounds that violate lower <= 1 <= upper (issue 12): refused on the first micro-batch, then counted and warned about
+# Bounds that violate lower <= 1 <= upper: refused on the first micro-batch, then counted and warned about
 # ---------------------------------------------------------------------------------------------------------------
 
 

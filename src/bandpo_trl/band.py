@@ -122,7 +122,7 @@ def _kl_raw_bounds(p: torch.Tensor, q: torch.Tensor, delta: float) -> tuple[torc
     both_p = torch.stack([p, q])  # lower roots at p (for l) and at q (for u, by the mirror identity)
     both_q = torch.stack([q, p])
     # log q as log1p(-p) while p < 1/2: log(q) of a q near 1 keeps only its absolute accuracy, and an s_min that is
-    # off by that (2e-3 in float32 at p = 3e-5) is no longer a left bracket, so the clamp would stop Newton short.
+    # off by that (2e-3 in float32 at p = 3e-5) is then not a left bracket, and the clamp would stop Newton short.
     log_q = torch.where(both_p < 0.5, torch.log1p(-both_p), torch.log(both_q))
     s_min = log_q.mul_(both_q).sub_(delta).div_(both_p).clamp_(min=_log_floor(p.dtype))
     # log1p(-x), not log(1 - x): for p < eps^2 the estimate x is below eps, 1 - x rounds to 1, s = 0 is a fixed
@@ -247,7 +247,7 @@ def check_max_ratio(max_ratio, name: str = "max_ratio") -> float | None:
     return float(max_ratio)
 
 
-# Former private names, kept importable for callers not yet on the public ones.
+# The same validators under private names, for config.py, which imports them by these names.
 _check_positive = check_positive
 _check_max_ratio = check_max_ratio
 
