@@ -19,6 +19,7 @@ $(STAMP): setup.cfg pyproject.toml
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 
 test: lint
 	$(PY) -m pytest -q
@@ -37,7 +38,7 @@ eval: install
 		--num_problems 512 --max_new_tokens 4 --batch_size 256 --torch_num_threads 1
 
 bench: install
-	$(PY) benchmarks/bench_band.py
+	$(PY) -m benchmarks.bench_band
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

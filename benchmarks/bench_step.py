@@ -23,9 +23,9 @@ Memory:
   one extra, untimed run per trainer (the profiler slows the step).
 - CUDA: `torch.cuda.max_memory_allocated()` over the training (reset when training starts).
 
-    python benchmarks/bench_step.py                   # CPU, tiny model, the default recipe's settings, 16 repetitions
-    python benchmarks/bench_step.py --quick           # 2 repetitions of 16 steps
-    python benchmarks/bench_step.py --device cuda --model qwen2-0.5b --reps 2 --steps 20   # on a GPU, bf16
+    python -m benchmarks.bench_step                   # CPU, tiny model, the default recipe's settings, 16 repetitions
+    python -m benchmarks.bench_step --quick           # 2 repetitions of 16 steps
+    python -m benchmarks.bench_step --device cuda --model qwen2-0.5b --reps 2 --steps 20   # on a GPU, bf16
 """
 
 from __future__ import annotations

@@ -7,16 +7,12 @@ import itertools
 import json
 import math
 import statistics
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-
-import study  # noqa: E402
-import study_tasks as tasks  # noqa: E402
+from benchmarks import study
+from benchmarks import study_tasks as tasks
 
 # ------------------------------------------------------------------------------------------------- statistics
 
