@@ -36,10 +36,10 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 from bandpo_trl import BandGRPOTrainer
+from bandpo_trl.clip_metrics import PROB_BUCKETS, in_bucket
 from bandpo_trl.metrics import problem_pass_at_k
 from bandpo_trl.rewards import completion_text
 from bandpo_trl.train import load_tokenizer, make_parser, model_init_kwargs
-from bandpo_trl.trainer import PROB_BUCKETS
 
 # ------------------------------------------------------------------------------------------------------------ E1
 
@@ -276,24 +276,23 @@ class StudyTrainer(BandGRPOTrainer):
     `study/pos_tokens/<bucket>` and `study/pos_clip_high/<bucket>` (ratio above the upper bound). Counts, so that a
     run's fraction is a token-weighted sum over steps. Nothing else changes."""
 
-    @torch.no_grad()
-    def _log_band_metrics(self, inputs, old_logps, logps, lower, upper) -> None:
-        super()._log_band_metrics(inputs, old_logps, logps, lower, upper)
-        advantages = inputs["advantages"]
+    def clip_metric_sums(self, old_logps, logps, lower, upper, advantages, mask):
+        sums = super().clip_metric_sums(old_logps, logps, lower, upper, advantages, mask)
         if advantages.dim() == 1:
             advantages = advantages.unsqueeze(1)
-        positive = (advantages > 0).float() * self._token_mask(inputs)
-        high = (torch.exp(logps - old_logps) > self._as_token_bounds(upper, old_logps)).float() * positive
+        positive = (advantages > 0).float() * mask
+        high = (torch.exp(logps - old_logps) > upper).float() * positive
         probs = torch.exp(old_logps)
-        sums = []
-        for lo, hi, _ in PROB_BUCKETS:
-            in_bucket = self._in_bucket(probs, lo, hi)
-            sums += [(in_bucket * positive).sum(), (in_bucket * high).sum()]
-        counts = torch.stack(sums).tolist()  # one host transfer per micro-batch, as the trainer's own metrics
-        metrics = self._metrics["train" if self.model.training else "eval"]
-        for i, (_, _, name) in enumerate(PROB_BUCKETS):
-            metrics[f"study/pos_tokens/{name}"].append(counts[2 * i])
-            metrics[f"study/pos_clip_high/{name}"].append(counts[2 * i + 1])
+        for lo, hi, name in PROB_BUCKETS:
+            bucket = in_bucket(probs, lo, hi)
+            sums[f"study/pos_tokens/{name}"] = (bucket * positive).sum()
+            sums[f"study/pos_clip_high/{name}"] = (bucket * high).sum()
+        return sums
+
+    def clip_metrics_from_sums(self, totals):
+        metrics = super().clip_metrics_from_sums(totals)
+        metrics.update({name: value for name, value in totals.items() if name.startswith("study/")})
+        return metrics
 
 
 TASKS = {

@@ -320,7 +320,7 @@ def test_dcpo_rule_uses_dcpo_bounds(tiny_model_dir, tiny_train_dataset, tmp_path
         (dict(band_delta=-1.0), "band_delta must be a finite number > 0, got -1.0"),
         (dict(band_delta=math.inf), "band_delta must be a finite number > 0"),
         (dict(band_max_ratio=0.5), "band_max_ratio must be None (raw bounds) or a finite number >= 1, got 0.5"),
-        (dict(clip_rule="ppo"), "clip_rule must be one of band, clip, dcpo; got 'ppo'"),
+        (dict(clip_rule="ppo"), "unknown clip_rule 'ppo'; accepted: band, clip, dcpo, or an import path"),
         (dict(dcpo_epsilon_low=0.0, clip_rule="dcpo"), "dcpo_epsilon_low must be a finite number > 0"),
     ],
 )

@@ -277,7 +277,7 @@ def test_reward_funcs_accept_import_paths(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_a_recipe_trains_with_its_own_reward_and_divergence_modules(tmp_path):
+def test_a_recipe_trains_with_its_own_reward_divergence_and_clip_rule_modules(tmp_path):
     (tmp_path / "my_rewards.py").write_text(
         "def ones(completions, **kwargs):\n    return [float(c.count('1')) for c in completions]\n"
     )
@@ -285,17 +285,25 @@ def test_a_recipe_trains_with_its_own_reward_and_divergence_modules(tmp_path):
         "import torch\n\nfrom bandpo_trl import register_divergence\n\n"
         "register_divergence('js', lambda u: 0.5 * (torch.xlogy(u, u) - torch.xlogy(u + 1, (u + 1) / 2)))\n"
     )
+    # Band's upper bound (of the recipe's divergence) with a fixed lower bound of 0.7.
+    (tmp_path / "my_rules.py").write_text(
+        "from bandpo_trl import band_bounds, register_clip_rule\n\n"
+        "@register_clip_rule('js_upper', options=('band_divergence', 'band_delta', 'band_max_ratio'))\n"
+        "def js_upper(old_logps, args):\n"
+        "    return 0.7, band_bounds(old_logps, args.band_divergence, args.band_delta, args.band_max_ratio)[1]\n"
+    )
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(
         USER_RECIPE.replace("reward_funcs: toy_accuracy", "reward_funcs: [toy_accuracy, my_rewards.ones]")
-        + "band_divergence: my_divergences:js\nband_delta: 0.02\nmax_steps: 2\n"
+        + "band_divergence: my_divergences:js\nband_delta: 0.02\nclip_rule: my_rules:js_upper\nmax_steps: 2\n"
     )
     result = run_script("bandpo-train", "--config", str(recipe), "--output_dir", "run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     state = json.loads((tmp_path / "run" / "trainer_state.json").read_text())
     logs = [entry for entry in state["log_history"] if "loss" in entry]
     assert any("rewards/ones/mean" in entry for entry in logs)  # logged on the steps that generate
-    assert all("band/upper_mean" in entry for entry in logs)
+    assert all(entry["band/lower_mean"] == pytest.approx(0.7) for entry in logs)
+    assert all(entry["band/upper_mean"] > 1.0 for entry in logs)
 
 
 # -------------------------------------------------------------------------------------------- configuration

@@ -5,12 +5,14 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass, field, fields
 
+import torch
 from trl import GRPOConfig
 
 from .band import _check_max_ratio, _check_positive, available_divergences, resolve_divergence
+from .clip_metrics import invalid_bounds
+from .clip_rules import ClipRule, available_clip_rules, get_clip_rule
 from .utils import is_import_path
 
-CLIP_RULES = ("band", "clip", "dcpo")
 # TRL loss types whose surrogate is the PPO ratio clip `clamp(r, 1 - eps_low, 1 + eps_high)`.
 RATIO_CLIP_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
 
@@ -47,9 +49,11 @@ class BandGRPOConfig(GRPOConfig):
     clip_rule: str = field(
         default="band",
         metadata={
-            "help": "Per-token ratio clipping rule: 'band' (Band interval of the token's old probability), "
-            "'clip' (TRL's fixed [1 - epsilon, 1 + epsilon_high], unchanged) or 'dcpo' (DCPO's dynamic bounds).",
-            "choices": list(CLIP_RULES),
+            "help": "Per-token ratio clipping rule, a name registered with `bandpo_trl.register_clip_rule`: 'band' "
+            "(Band interval of the token's old probability), 'clip' (TRL's fixed [1 - epsilon, 1 + epsilon_high], "
+            "unchanged) or 'dcpo' (DCPO's dynamic bounds); or an import path such as 'my_pkg.rules:my_rule' (the "
+            "current directory is searched first) naming a rule its module registers, or a function "
+            "(old_logps, args) -> (lower, upper) to register."
         },
     )
     band_divergence: str = field(
@@ -122,16 +126,85 @@ def band_option(args, name: str):
     return getattr(args, name, BAND_DEFAULTS[name])
 
 
+class _WithBandDefaults:
+    """A read-only view of a plain `GRPOConfig` in which every `BandGRPOConfig` option has its default."""
+
+    def __init__(self, args):
+        object.__setattr__(self, "_args", args)
+
+    def __getattr__(self, name):
+        return band_option(self._args, name) if name in BAND_DEFAULTS else getattr(self._args, name)
+
+    def __setattr__(self, name, value):
+        raise AttributeError(f"the config seen by a clip rule is read-only (tried to set {name!r})")
+
+
+def with_band_defaults(args):
+    """`args` itself when it has every `BandGRPOConfig` option, else a read-only view of it with their defaults: the
+    `args` a clip rule receives, so that `args.band_delta` works for a plain `GRPOConfig` too."""
+    return args if all(hasattr(args, name) for name in BAND_DEFAULTS) else _WithBandDefaults(args)
+
+
+# The options of the built-in rules: one that the chosen rule does not read, set to another value, has no effect.
+RULE_OPTIONS = (
+    "band_divergence",
+    "band_delta",
+    "band_max_ratio",
+    "band_relax",
+    "dcpo_epsilon_low",
+    "dcpo_epsilon_high",
+)
+
+# Old log-probabilities a rule's bounds are checked on before training: the tail and head rules, the buckets' edges.
+_PROBE_PROBS = (0.0, 1e-9, 1e-6, 1e-4, 0.01, 0.05, 0.1, 0.3, 0.5, 0.7, 0.9, 0.999, 1 - 1e-7, 1.0)
+
+
+def check_clip_rule(rule: ClipRule, args) -> None:
+    """Call `rule` once on a (2, 14) batch of old log-probabilities (from p = 0 to p = 1) and raise a `ValueError`
+    naming the rule unless it returns two bounds, each a float or a tensor broadcastable to the batch, with
+    `lower <= 1 <= upper` everywhere. Microseconds; run by `validate_band_options` before any model is loaded."""
+    logps = torch.tensor(_PROBE_PROBS, dtype=torch.float32).log().expand(2, -1).clone()
+    where = f"clip rule {rule.name!r} ({getattr(rule.bounds, '__module__', '?')}.{getattr(rule.bounds, '__qualname__', rule.bounds)})"
+    try:
+        with torch.no_grad():
+            result = rule(logps, with_band_defaults(args))
+    except Exception as error:  # noqa: BLE001 - any failure of the user's rule is reported with its cause
+        raise ValueError(
+            f"{where} raised {type(error).__name__}: {error} when called on a (2, {len(_PROBE_PROBS)}) float32 tensor "
+            "of old log-probabilities; a rule maps (old_logps, args) to (lower, upper)"
+        ) from error
+    if not isinstance(result, tuple | list) or len(result) != 2:
+        raise ValueError(f"{where} must return a pair (lower, upper), got {type(result).__name__} {result!r:.80}")
+    bounds = []
+    for label, bound in zip(("lower", "upper"), result, strict=True):
+        if not isinstance(bound, torch.Tensor | float | int) or isinstance(bound, bool):
+            raise ValueError(f"{where}: {label} must be a float or a tensor, got {type(bound).__name__}")
+        try:
+            bounds.append(torch.as_tensor(bound, dtype=logps.dtype).expand_as(logps))
+        except RuntimeError as error:
+            raise ValueError(
+                f"{where}: {label} of shape {tuple(torch.as_tensor(bound).shape)} does not broadcast to the old "
+                f"log-probabilities' shape {tuple(logps.shape)}"
+            ) from error
+    bad = invalid_bounds(logps, *bounds)
+    if bad.any():
+        index = int(bad.flatten().nonzero()[0])
+        p = _PROBE_PROBS[index % len(_PROBE_PROBS)]
+        lower, upper = (float(b.flatten()[index]) for b in bounds)
+        raise ValueError(
+            f"{where} returned bounds that violate lower <= 1 <= upper: lower = {lower:.6g}, upper = {upper:.6g} at "
+            f"old probability {p:.6g}. An interval that excludes ratio 1 clips tokens the policy has not moved"
+        )
+
+
 def validate_band_options(args) -> None:
     """Check the clipping options of `args` (a `BandGRPOConfig`) against each other and against TRL's options.
 
     Raises `ValueError` naming the bad value and what is accepted; warns when the configuration makes the
-    clipping rule a no-op.
+    clipping rule a no-op, and when options the rule does not read are set.
     """
     warn_on_mid_batch_checkpoints(args)
-    rule = band_option(args, "clip_rule")
-    if rule not in CLIP_RULES:
-        raise ValueError(f"clip_rule must be one of {', '.join(CLIP_RULES)}; got {rule!r}")
+    rule = get_clip_rule(band_option(args, "clip_rule"))
     divergence = band_option(args, "band_divergence")
     if not is_import_path(divergence) and divergence not in available_divergences():
         raise ValueError(
@@ -149,34 +222,56 @@ def validate_band_options(args) -> None:
     for name in ("band_delta", "dcpo_epsilon_low", "dcpo_epsilon_high"):
         _check_positive(name, band_option(args, name))
     _check_max_ratio(band_option(args, "band_max_ratio"), "band_max_ratio")
-    if rule == "clip":
+    warn_on_unread_options(args, rule)
+    check_clip_rule(rule, args)
+    if rule.trl_clip:
         return  # TRL's own clip: every TRL option stays available
 
     if args.importance_sampling_level != "token":
         raise ValueError(
-            f"clip_rule={rule!r} bounds each token's ratio, but importance_sampling_level="
+            f"clip_rule={rule.name!r} bounds each token's ratio, but importance_sampling_level="
             f"{args.importance_sampling_level!r} uses one ratio per sequence; set importance_sampling_level='token' "
             "or clip_rule='clip'"
         )
     if args.loss_type not in RATIO_CLIP_LOSS_TYPES:
         raise ValueError(
-            f"clip_rule={rule!r} replaces the ratio clip, but loss_type={args.loss_type!r} has none; accepted loss "
-            f"types: {', '.join(RATIO_CLIP_LOSS_TYPES)} (or use clip_rule='clip')"
+            f"clip_rule={rule.name!r} replaces the ratio clip, but loss_type={args.loss_type!r} has none; accepted "
+            f"loss types: {', '.join(RATIO_CLIP_LOSS_TYPES)} (or use clip_rule='clip')"
         )
     if args.use_liger_kernel:
         raise ValueError(
-            f"clip_rule={rule!r} is not available with use_liger_kernel=True: Liger's fused GRPO loss takes only "
+            f"clip_rule={rule.name!r} is not available with use_liger_kernel=True: Liger's fused GRPO loss takes only "
             "scalar epsilons. Set use_liger_kernel=False or clip_rule='clip'"
         )
     if is_on_policy(args):
         warnings.warn(
-            f"clip_rule={rule!r} has no effect with this configuration: gradient_accumulation_steps="
+            f"clip_rule={rule.name!r} has no effect with this configuration: gradient_accumulation_steps="
             f"{args.gradient_accumulation_steps} is a multiple of steps_per_generation * num_iterations = "
             f"{args.steps_per_generation} * {args.num_iterations}, so every update uses fresh samples, the ratio "
             "is exactly 1 and no clip can act. Set steps_per_generation > gradient_accumulation_steps (e.g. 4x, as "
             "in the paper) or num_iterations > 1.",
             UserWarning,
             stacklevel=3,
+        )
+
+
+def warn_on_unread_options(args, rule: ClipRule) -> None:
+    """Warn when options of the built-in rules that `rule` does not read are set to non-default values: they would
+    change nothing (e.g. `band_delta` with `clip_rule="dcpo"`). A rule that declares no options is not checked."""
+    if rule.options is None:
+        return
+    unread = [
+        f"{name}={band_option(args, name)!r}"
+        for name in RULE_OPTIONS
+        if name not in rule.options and band_option(args, name) != BAND_DEFAULTS[name]
+    ]
+    if unread:
+        reads = ", ".join(rule.options) if rule.options else "none of them"
+        warnings.warn(
+            f"clip_rule={rule.name!r} does not read {', '.join(unread)}: these settings have no effect (it reads "
+            f"{reads}). Remove them, or choose a rule that uses them (available: {', '.join(available_clip_rules())}).",
+            UserWarning,
+            stacklevel=4,
         )
 
 

@@ -17,11 +17,11 @@ import warnings
 import torch
 from trl import GRPOTrainer
 
-from .band import band_bounds, dcpo_bounds
-from .config import band_option, validate_band_options
+from .clip_metrics import PROB_BUCKETS, band_metrics, clip_metric_sums, invalid_bounds, token_bounds
+from .clip_rules import ClipRule, get_clip_rule
+from .config import band_option, validate_band_options, with_band_defaults
 
-# Old-probability buckets for the clip-fraction metrics: the paper's claim is about the low-probability tail.
-PROB_BUCKETS = ((0.0, 0.01, "p<0.01"), (0.01, 0.1, "p0.01-0.1"), (0.1, 0.5, "p0.1-0.5"), (0.5, 1.0, "p>=0.5"))
+__all__ = ["PROB_BUCKETS", "BandGRPOTrainer"]
 
 
 class BandGRPOTrainer(GRPOTrainer):
@@ -31,7 +31,8 @@ class BandGRPOTrainer(GRPOTrainer):
     (`clip_rule`, `band_divergence`, `band_delta`, ...); a plain `GRPOConfig` gets the paper's defaults
     (KL, delta = 0.05, cap 10).
 
-    To try another rule, override [`~BandGRPOTrainer.compute_clip_bounds`] alone.
+    To try another rule, register it (`bandpo_trl.register_clip_rule`) and name it in `clip_rule`, or override
+    [`~BandGRPOTrainer.compute_clip_bounds`] alone.
 
     Logged, reduced across processes like TRL's own metrics (TRL's `clip_ratio/*` and `entropy` stay and count
     tokens clipped at the per-token bounds):
@@ -42,11 +43,11 @@ class BandGRPOTrainer(GRPOTrainer):
     - `band/tokens/<bucket>`: share of completion tokens in the bucket;
     - `band/invalid_bounds`: share of completion tokens whose interval violates `lower <= 1 <= upper` (NaN bounds
       included, tokens with a NaN old log-prob excluded); 0 for the built-in rules. For the bounds this trainer
-      applies (`clip_rule` other than `"clip"`, whose interval is TRL's own), the first micro-batch with old
-      log-probs is checked once (one host synchronisation per trainer) and any violation there raises a
-      `ValueError` naming the `compute_clip_bounds` method; later violations are counted here, in the same
-      single reduction as the other metrics, and warned about once.
-    Buckets: `p<0.01`, `p0.01-0.1`, `p0.1-0.5`, `p>=0.5`.
+      applies (every rule but TRL's own `clip`), the first micro-batch with old log-probs is checked once (one host
+      synchronisation per trainer) and any violation there raises a `ValueError` naming the rule; later violations
+      are counted here, in the same single reduction as the other metrics, and warned about once.
+    Buckets: `p<0.01`, `p0.01-0.1`, `p0.1-0.5`, `p>=0.5`. Subclasses add statistics of their own by overriding
+    [`~BandGRPOTrainer.clip_metric_sums`] and [`~BandGRPOTrainer.clip_metrics_from_sums`].
 
     Example:
     ```python
@@ -65,24 +66,43 @@ class BandGRPOTrainer(GRPOTrainer):
     def __init__(self, model, reward_funcs=None, args=None, *more_args, **kwargs):
         if args is not None:
             validate_band_options(args)  # before the (slow) model load; a plain GRPOConfig is checked here too
+        custom_bounds = type(self).compute_clip_bounds is not BandGRPOTrainer.compute_clip_bounds
+        rule = get_clip_rule(band_option(args, "clip_rule")) if args is not None else None
+        if rule is not None and rule.trl_clip and custom_bounds:
+            raise self._custom_bounds_with_trl_clip(rule)
         super().__init__(model, reward_funcs, args, *more_args, **kwargs)
         if args is None:
             validate_band_options(self.args)
-        self.clip_rule = band_option(self.args, "clip_rule")
+            rule = get_clip_rule(band_option(self.args, "clip_rule"))
+            if rule.trl_clip and custom_bounds:
+                raise self._custom_bounds_with_trl_clip(rule)
+        self.clip_rule: ClipRule = rule
+        # TRL's loss keeps its own scalar clip for TRL's rule; every other rule's bounds are swapped in per token.
+        self.applies_token_bounds = custom_bounds or not rule.trl_clip
+        self._clip_args = with_band_defaults(self.args)
         self._current_logps = None
         self._capture_logps = False
         self._bounds_checked = False  # the first micro-batch with old log-probs is checked once (see the docstring)
         self._warned_invalid_bounds = False
+
+    def _custom_bounds_with_trl_clip(self, rule: ClipRule) -> ValueError:
+        method = type(self).compute_clip_bounds
+        return ValueError(
+            f"{method.__module__}.{method.__qualname__} overrides the clip bounds, but clip_rule={rule.name!r} is "
+            "TRL's own fixed clip, which this trainer leaves to TRL's loss, so the override would never be applied. "
+            "Set clip_rule to another rule (e.g. 'band') to apply the overridden bounds."
+        )
 
     def compute_clip_bounds(
         self, old_per_token_logps: torch.Tensor, inputs: dict
     ) -> tuple[torch.Tensor | float, torch.Tensor | float]:
         """Ratio bounds ``(lower, upper)`` for each completion token, from its old log-probability.
 
-        Override this to try another rule. ``old_per_token_logps`` is (B, T) log pi_old of the sampled tokens
-        at the sampling temperature; ``inputs`` is the micro-batch (advantages, masks, ...). Return tensors
-        broadcastable to (B, T), or floats, with ``lower <= 1 <= upper``; they carry no gradient. Bounds that
-        exclude 1 on a completion token raise on the first micro-batch and are counted in `band/invalid_bounds`.
+        By default the registered rule named by `clip_rule` (`self.clip_rule`). Override this to try another rule
+        in a subclass. ``old_per_token_logps`` is (B, T) log pi_old of the sampled tokens at the sampling
+        temperature; ``inputs`` is the micro-batch (advantages, masks, ...). Return tensors broadcastable to (B, T),
+        or floats, with ``lower <= 1 <= upper``; they carry no gradient. Bounds that exclude 1 on a completion token
+        raise on the first micro-batch and are counted in `band/invalid_bounds`.
 
         Example:
         ```python
@@ -92,24 +112,7 @@ class BandGRPOTrainer(GRPOTrainer):
                 return (1 - width).clamp(min=0), 1 + width
         ```
         """
-        args = self.args
-        if self.clip_rule == "clip":
-            return 1 - self.epsilon_low, 1 + self.epsilon_high
-        max_ratio = band_option(args, "band_max_ratio")
-        if self.clip_rule == "dcpo":
-            return dcpo_bounds(
-                old_per_token_logps,
-                band_option(args, "dcpo_epsilon_low"),
-                band_option(args, "dcpo_epsilon_high"),
-                max_ratio,
-            )
-        lower, upper = band_bounds(
-            old_per_token_logps, band_option(args, "band_divergence"), band_option(args, "band_delta"), max_ratio
-        )
-        if band_option(args, "band_relax"):
-            lower = lower.clamp(max=1 - self.epsilon_low)
-            upper = upper.clamp(min=1 + self.epsilon_high)
-        return lower, upper
+        return self.clip_rule(old_per_token_logps, self._clip_args)
 
     def _compute_loss(self, model, inputs):
         old_per_token_logps = inputs.get("old_per_token_logps")
@@ -118,10 +121,13 @@ class BandGRPOTrainer(GRPOTrainer):
             return super()._compute_loss(model, inputs)
 
         lower, upper = self.compute_clip_bounds(old_per_token_logps, inputs)
-        if not self._bounds_checked and self.clip_rule != "clip":
+        if isinstance(lower, torch.Tensor) != isinstance(upper, torch.Tensor):
+            # TRL's clamp takes two floats or two tensors, not one of each.
+            lower, upper = token_bounds(lower, old_per_token_logps), token_bounds(upper, old_per_token_logps)
+        if not self._bounds_checked and self.applies_token_bounds:
             self._check_bounds_once(inputs, old_per_token_logps, lower, upper)
         scalar_epsilons = self.epsilon_low, self.epsilon_high
-        if self.clip_rule != "clip":
+        if self.applies_token_bounds:
             # TRL clamps to [1 - epsilon_low, 1 + epsilon_high]; per-token tensors make that the per-token bounds.
             self.epsilon_low, self.epsilon_high = 1 - lower, upper - 1
         self._capture_logps = True
@@ -148,20 +154,13 @@ class BandGRPOTrainer(GRPOTrainer):
             mask = mask * inputs["tool_mask"]
         return mask.float()
 
-    @staticmethod
-    def _as_token_bounds(bound, old_logps: torch.Tensor) -> torch.Tensor:
-        # Bounds may be floats (the clip rule) or tensors broadcastable to (B, T).
-        return torch.as_tensor(bound, dtype=old_logps.dtype, device=old_logps.device).expand_as(old_logps)
-
-    @staticmethod
-    def _in_bucket(probs: torch.Tensor, lo: float, hi: float) -> torch.Tensor:
-        # 1.0 where an old probability lies in [lo, hi); the last bucket also holds p = 1.
-        return ((probs >= lo) & (probs < hi) if hi < 1.0 else probs >= lo).float()
-
-    @staticmethod
-    def _invalid_bounds(old_logps, lower, upper) -> torch.Tensor:
-        """Tokens whose interval violates ``lower <= 1 <= upper`` (NaN bounds too, unless the old log-prob is NaN)."""
-        return ~((lower <= 1) & (upper >= 1)) & ~old_logps.isnan()
+    def _bounds_source(self) -> str:
+        """What produced the bounds, for messages: the overriding method, or the registered rule."""
+        method = type(self).compute_clip_bounds
+        if method is not BandGRPOTrainer.compute_clip_bounds:
+            return f"{method.__module__}.{method.__qualname__}"
+        function = self.clip_rule.bounds
+        return f"clip rule {self.clip_rule.name!r} ({function.__module__}.{function.__qualname__})"
 
     @torch.no_grad()
     def _check_bounds_once(self, inputs, old_logps, lower, upper) -> None:
@@ -172,8 +171,8 @@ class BandGRPOTrainer(GRPOTrainer):
         """
         self._bounds_checked = True
         mask = self._token_mask(inputs)
-        lower, upper = self._as_token_bounds(lower, old_logps), self._as_token_bounds(upper, old_logps)
-        invalid = self._invalid_bounds(old_logps, lower, upper) & mask.bool()
+        lower, upper = token_bounds(lower, old_logps), token_bounds(upper, old_logps)
+        invalid = invalid_bounds(old_logps, lower, upper) & mask.bool()
         counts = torch.stack([invalid.sum().float(), mask.sum()])
         n_invalid, n_tokens = self.accelerator.reduce(counts, reduction="sum").tolist()
         if n_invalid == 0:
@@ -183,55 +182,53 @@ class BandGRPOTrainer(GRPOTrainer):
             index = invalid.flatten().nonzero()[0, 0]
             lo, up, logp = (t.flatten()[index].item() for t in (lower, upper, old_logps))
             example = f"; e.g. lower = {lo:.6g}, upper = {up:.6g} for a token of old probability {math.exp(logp):.6g}"
-        method = type(self).compute_clip_bounds
         raise ValueError(
-            f"{method.__module__}.{method.__qualname__} returned ratio bounds that violate lower <= 1 <= upper for "
+            f"{self._bounds_source()} returned ratio bounds that violate lower <= 1 <= upper for "
             f"{n_invalid / max(n_tokens, 1.0):.1%} of the completion tokens ({int(n_invalid)} of {int(n_tokens)}) "
             f"of the first micro-batch{example}. An interval that excludes ratio 1 clips tokens the policy has not "
             "moved; return lower <= 1 <= upper (e.g. lower.clamp(max=1), upper.clamp(min=1))"
         )
 
+    def clip_metric_sums(
+        self,
+        old_logps: torch.Tensor,
+        logps: torch.Tensor,
+        lower: torch.Tensor,
+        upper: torch.Tensor,
+        advantages: torch.Tensor,
+        mask: torch.Tensor,
+    ) -> dict[str, torch.Tensor]:
+        """The token sums of one micro-batch behind the logged clip metrics (0-d tensors, summed across processes in
+        one reduction). Override to add sums of your own (call `super()` and add keys), then turn them into metrics
+        in `clip_metrics_from_sums`. Arguments: (B, T) old and current log-probs of the sampled tokens, the (B, T)
+        bounds applied, the advantages ((B,) or (B, T)) and the (B, T) float mask of the completion tokens."""
+        return clip_metric_sums(old_logps, logps, lower, upper, advantages, mask)
+
+    def clip_metrics_from_sums(self, totals: dict[str, float]) -> dict[str, float]:
+        """The metrics logged for one micro-batch (`band/*`), from the reduced totals of `clip_metric_sums`."""
+        return band_metrics(totals)
+
     @torch.no_grad()
     def _log_band_metrics(self, inputs, old_logps, logps, lower, upper) -> None:
-        mask = self._token_mask(inputs)
-        advantages = inputs["advantages"]
-        if advantages.dim() == 1:
-            advantages = advantages.unsqueeze(1)
-        lower, upper = self._as_token_bounds(lower, old_logps), self._as_token_bounds(upper, old_logps)
-        ratio = torch.exp(logps - old_logps)
-        low = ((ratio < lower) & (advantages < 0)).float() * mask
-        high = ((ratio > upper) & (advantages > 0)).float() * mask
-        invalid = self._invalid_bounds(old_logps, lower, upper).float() * mask
-        probs = torch.exp(old_logps)
-        sums = [mask.sum(), (lower * mask).sum(), (upper * mask).sum(), invalid.sum()]
-        for lo, hi, _ in PROB_BUCKETS:
-            in_bucket = self._in_bucket(probs, lo, hi)
-            sums += [(in_bucket * mask).sum(), (in_bucket * low).sum(), (in_bucket * high).sum()]
+        lower, upper = token_bounds(lower, old_logps), token_bounds(upper, old_logps)
+        sums = self.clip_metric_sums(old_logps, logps, lower, upper, inputs["advantages"], self._token_mask(inputs))
         # One reduction and one host transfer for all of them.
-        totals = self.accelerator.reduce(torch.stack(sums).float(), reduction="sum").tolist()
-        count = max(totals[0], 1.0)
+        values = self.accelerator.reduce(torch.stack(list(sums.values())).float(), reduction="sum").tolist()
+        totals = dict(zip(sums, values, strict=True))
         metrics = self._metrics["train" if self.model.training else "eval"]
-        metrics["band/lower_mean"].append(totals[1] / count)
-        metrics["band/upper_mean"].append(totals[2] / count)
-        metrics["band/invalid_bounds"].append(totals[3] / count)
-        for i, (_, _, name) in enumerate(PROB_BUCKETS):
-            in_bucket, clipped_low, clipped_high = totals[4 + 3 * i : 7 + 3 * i]
-            metrics[f"band/tokens/{name}"].append(in_bucket / count)
-            if in_bucket > 0:
-                metrics[f"band/clip_low/{name}"].append(clipped_low / in_bucket)
-                metrics[f"band/clip_high/{name}"].append(clipped_high / in_bucket)
+        for name, value in self.clip_metrics_from_sums(totals).items():
+            metrics[name].append(value)
         if (
-            totals[3] > 0
+            totals["invalid"] > 0
             and not self._warned_invalid_bounds
-            and self.clip_rule != "clip"
+            and self.applies_token_bounds
             and self.accelerator.is_main_process
         ):
             self._warned_invalid_bounds = True
-            method = type(self).compute_clip_bounds
             warnings.warn(
-                f"{method.__module__}.{method.__qualname__} returned ratio bounds that violate lower <= 1 <= upper "
-                f"for {totals[3] / count:.1%} of the completion tokens of this micro-batch (logged as "
-                "band/invalid_bounds; warned once)",
+                f"{self._bounds_source()} returned ratio bounds that violate lower <= 1 <= upper for "
+                f"{totals['invalid'] / max(totals['tokens'], 1.0):.1%} of the completion tokens of this micro-batch "
+                "(logged as band/invalid_bounds; warned once)",
                 UserWarning,
                 stacklevel=1,  # the trainer's own line: the caller is TRL's training loop
             )
