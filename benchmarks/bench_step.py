@@ -245,7 +245,9 @@ def worker(args) -> None:
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "rss_growth_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - probe.rss_start / 2**20,
         "clip_region_mean": statistics.fmean(h.get("clip_ratio/region_mean", 0.0) for h in steps),
-        "completion_length": statistics.fmean(h["completions/mean_length"] for h in steps if "completions/mean_length" in h),
+        "completion_length": statistics.fmean(
+            h["completions/mean_length"] for h in steps if "completions/mean_length" in h
+        ),
     }
     if band_code:
         # two timed calls per micro-batch, summed per optimizer step; the steps timed above only
@@ -271,8 +273,21 @@ def start_worker(args, trainer: str, out_dir: Path, tag: str, profile_steps: int
     result.unlink(missing_ok=True)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", trainer, "--result", str(result)]
     cmd += ["--model-dir", str(args.model_dir)]
-    for name in ("model", "device", "batch", "num_generations", "completion_length", "ga", "spg", "steps", "skip",
-                 "threads", "learning_rate", "loss_type", "beta"):
+    for name in (
+        "model",
+        "device",
+        "batch",
+        "num_generations",
+        "completion_length",
+        "ga",
+        "spg",
+        "steps",
+        "skip",
+        "threads",
+        "learning_rate",
+        "loss_type",
+        "beta",
+    ):
         cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if args.gradient_checkpointing:
         cmd.append("--gradient-checkpointing")
@@ -296,8 +311,23 @@ def run_worker(args, trainer: str, out_dir: Path, tag: str, profile_steps: int =
 
 
 # two-sided 95% Student t quantiles by degrees of freedom (beyond 30: normal)
-_T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 12: 2.18, 15: 2.13,
-        20: 2.09, 25: 2.06, 30: 2.04}
+_T95 = {
+    1: 12.71,
+    2: 4.30,
+    3: 3.18,
+    4: 2.78,
+    5: 2.57,
+    6: 2.45,
+    7: 2.36,
+    8: 2.31,
+    9: 2.26,
+    10: 2.23,
+    12: 2.18,
+    15: 2.13,
+    20: 2.09,
+    25: 2.06,
+    30: 2.04,
+}
 
 
 def fmt_ratio(values: list[float]) -> str:
@@ -404,8 +434,10 @@ def main() -> None:
 
     first = runs["grpo"][0]
     print()
-    print(f"parameters {first['parameters']:,}; mean completion length {first['completion_length']:.1f} tokens; "
-          f"clipped-token share grpo {med('grpo', 'clip_region_mean'):.4f}, band {med('band', 'clip_region_mean'):.4f}")
+    print(
+        f"parameters {first['parameters']:,}; mean completion length {first['completion_length']:.1f} tokens; "
+        f"clipped-token share grpo {med('grpo', 'clip_region_mean'):.4f}, band {med('band', 'clip_region_mean'):.4f}"
+    )
     header = f"{'':<32} {'median step ms':>15} {'mean step ms':>13} {'peak RSS MiB':>13} {'RSS growth MiB':>15}"
     extra = []
     if args.device == "cuda":

@@ -70,9 +70,17 @@ PAPER_METHODS = {  # recipe path -> the keys that select the clipping rule
     "bandpo/config_kl_vllm_server.yaml": {"clip_rule": "band", "band_divergence": "kl", "band_delta": 0.05},
 }
 # Keys a variant may change besides the clipping rule: where generation runs and the batch split that goes with it.
-SERVER_KEYS = {"vllm_mode", "vllm_server_host", "vllm_server_port", "vllm_server_timeout", "vllm_tensor_parallel_size",
-               "vllm_gpu_memory_utilization", "vllm_enable_sleep_mode", "gradient_accumulation_steps",
-               "steps_per_generation"}
+SERVER_KEYS = {
+    "vllm_mode",
+    "vllm_server_host",
+    "vllm_server_port",
+    "vllm_server_timeout",
+    "vllm_tensor_parallel_size",
+    "vllm_gpu_memory_utilization",
+    "vllm_enable_sleep_mode",
+    "gradient_accumulation_steps",
+    "steps_per_generation",
+}
 CLIP_KEYS = {"clip_rule", "band_divergence", "band_delta", "band_max_ratio", "epsilon", "epsilon_high"}
 CLIP_KEYS |= {"dcpo_epsilon_low", "dcpo_epsilon_high"}
 
