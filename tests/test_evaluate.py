@@ -22,14 +22,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from bandpo_trl.evaluate import (
+from bandpo_trl.evaluation import (
     BenchmarkEvalCallback,
     Completion,
     EvalArguments,
+    SamplingSettings,
     TransformersGenerator,
     encode_prompt,
     evaluate_benchmark,
     format_results_table,
+    generation,
     get_checker,
     main,
     resolve_backend,
@@ -37,7 +39,6 @@ from bandpo_trl.evaluate import (
     sampling_generation_config,
     score_completions,
 )
-from bandpo_trl.evaluation import generation
 from bandpo_trl.metrics import mean_at_k, pass_at_k, problem_pass_at_k
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -246,12 +247,12 @@ def test_sampling_config_overrides_the_model_generation_defaults(tiny_model_dir)
     # What a Hub checkpoint's generation_config.json often holds: all of it would silently change the distribution.
     model.generation_config.update(do_sample=True, top_k=20, top_p=0.8, temperature=0.6, repetition_penalty=1.05)
     model.generation_config.min_p = 0.1
-    config = sampling_generation_config(model, tokenizer, temperature=1.0, top_p=1.0, max_new_tokens=7)
+    config = sampling_generation_config(model, tokenizer, SamplingSettings(temperature=1.0, max_new_tokens=7))
     resolved, _ = model._prepare_generation_config(config)
     assert resolved.do_sample and resolved.temperature == 1.0 and resolved.top_p == 1.0
     assert resolved.top_k == 0 and resolved.repetition_penalty == 1.0 and resolved.min_p == 0.0
     assert resolved.max_new_tokens == 7 and resolved.eos_token_id == [tokenizer.eos_token_id]
-    greedy = sampling_generation_config(model, tokenizer, temperature=0.0)
+    greedy = sampling_generation_config(model, tokenizer, SamplingSettings(temperature=0.0))
     assert not model._prepare_generation_config(greedy)[0].do_sample
 
 
@@ -336,7 +337,7 @@ def test_transformers_generator_left_padding_and_batching(tiny_model_dir):
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     prompts = [encode_prompt(tokenizer, p) for p in ["7=", "12+35=", "1+1+1+1="]]
-    kwargs = dict(temperature=0.0, max_new_tokens=5, show_progress=False)
+    kwargs = dict(sampling=SamplingSettings(temperature=0.0, max_new_tokens=5), show_progress=False)
     alone = [TransformersGenerator(model, tokenizer, batch_size=1, **kwargs).generate([p], 1)[0][0] for p in prompts]
     batched = TransformersGenerator(model, tokenizer, batch_size=8, **kwargs).generate(prompts, 1)
     # Greedy decoding of a left-padded batch gives what each prompt gives on its own.
@@ -353,13 +354,15 @@ def test_transformers_generator_left_padding_and_batching(tiny_model_dir):
 
     model.generate = counting_generate
     sampler = TransformersGenerator(
-        model, tokenizer, temperature=1.0, max_new_tokens=3, show_progress=False, batch_size=2
+        model, tokenizer, SamplingSettings(temperature=1.0, max_new_tokens=3), show_progress=False, batch_size=2
     )
     samples = sampler.generate(prompts, 3)  # batch_size < n: 2 + 1 samples per prompt
     assert [len(row) for row in samples] == [3, 3, 3]
     assert calls == [(1, 2, 2), (1, 1, 1)] * 3
     calls.clear()
-    TransformersGenerator(model, tokenizer, max_new_tokens=3, show_progress=False, batch_size=7).generate(prompts, 3)
+    TransformersGenerator(
+        model, tokenizer, SamplingSettings(max_new_tokens=3), show_progress=False, batch_size=7
+    ).generate(prompts, 3)
     assert calls == [(2, 3, 6), (1, 3, 3)]  # 7 // 3 = 2 prompts with all their samples per call
 
 
@@ -368,7 +371,7 @@ def test_transformers_generator_is_seeded(tiny_model_dir):
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    generator = TransformersGenerator(model, tokenizer, max_new_tokens=6, show_progress=False)
+    generator = TransformersGenerator(model, tokenizer, SamplingSettings(max_new_tokens=6), show_progress=False)
     prompts = [encode_prompt(tokenizer, "12+35=")]
 
     def texts(seed):
@@ -692,7 +695,11 @@ def test_callback_logs_benchmark_metrics_during_training(oracle_model_dir, tmp_p
     from bandpo_trl.rewards import toy_accuracy_reward
 
     callback = BenchmarkEvalCallback(
-        benchmarks=["toy_arithmetic"], every_n_steps=2, k=2, num_problems=NUM_TOY, max_new_tokens=5
+        benchmarks=["toy_arithmetic"],
+        every_n_steps=2,
+        k=2,
+        num_problems=NUM_TOY,
+        sampling=SamplingSettings(max_new_tokens=5),
     )
     args = GRPOConfig(
         output_dir=str(tmp_path / "run"),
@@ -749,7 +756,13 @@ def test_callback_progress_bar_follows_disable_tqdm(tiny_model_dir, capfd):
 
     def make(**kwargs):
         return BenchmarkEvalCallback(
-            ["toy_arithmetic"], 1, k=1, num_problems=1, max_new_tokens=2, save_results=False, **kwargs
+            ["toy_arithmetic"],
+            1,
+            k=1,
+            num_problems=1,
+            sampling=SamplingSettings(max_new_tokens=2),
+            save_results=False,
+            **kwargs,
         )
 
     assert bar_shown(make(), disable_tqdm=False)
@@ -763,7 +776,9 @@ def test_callback_leaves_the_training_rng_alone_and_can_be_disabled(tiny_model_d
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    callback = BenchmarkEvalCallback(["toy_arithmetic"], every_n_steps=1, k=2, num_problems=1, max_new_tokens=2)
+    callback = BenchmarkEvalCallback(
+        ["toy_arithmetic"], every_n_steps=1, k=2, num_problems=1, sampling=SamplingSettings(max_new_tokens=2)
+    )
     model.train()
     state = torch.get_rng_state()
     metrics = callback.evaluate(model, tokenizer)
@@ -809,7 +824,8 @@ def test_callback_encodes_prompts_with_the_trainer_chat_template_kwargs(tiny_mod
             output_dir=str(tiny_model_dir), chat_template_kwargs=config_kwargs, report_to="none", use_cpu=True
         )
         callback = BenchmarkEvalCallback(
-            ["chat"], 1, k=1, max_new_tokens=1, datasets={"chat": chat}, save_results=False, show_progress=False,
+            ["chat"], 1, k=1, sampling=SamplingSettings(max_new_tokens=1), datasets={"chat": chat}, save_results=False,
+            show_progress=False,
             chat_template_kwargs=own,
         )  # fmt: skip
         seen.clear()
@@ -829,11 +845,10 @@ def _records_before(callback, model, tokenizer):
 
     expected = {}
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(callback.seed)
+        torch.manual_seed(callback.sampling.seed)
         generator = TransformersGenerator(
-            model, tokenizer, temperature=callback.temperature, top_p=callback.top_p, top_k=callback.top_k,
-            max_new_tokens=callback.max_new_tokens, batch_size=callback.batch_size, show_progress=False,
-        )  # fmt: skip
+            model, tokenizer, callback.sampling, batch_size=callback.batch_size, show_progress=False
+        )
         for name in callback.benchmarks:
             dataset = callback._dataset(name)
             result = evaluate_benchmark(name, dataset, generator, tokenizer, k=callback.k, show_progress=False)
@@ -876,7 +891,9 @@ def test_callback_split_and_gather_on_one_process_gives_the_records_of_before(ti
     chat = Dataset.from_dict(
         {"prompt": [[{"role": "user", "content": f"{i}+{i}="}] for i in range(4)], "answer": ["0", "2", "4", "6"]}
     )
-    kwargs = dict(k=3, num_problems=3, max_new_tokens=4, temperature=1.0, seed=7, pass_k=[1, 3])
+    kwargs = dict(
+        k=3, num_problems=3, sampling=SamplingSettings(max_new_tokens=4, temperature=1.0, seed=7), pass_k=[1, 3]
+    )
     kwargs["datasets"] = {"chat": chat}
     expected = _records_before(
         BenchmarkEvalCallback(["toy_arithmetic", "chat"], 1, **kwargs), trainer.model, tokenizer
@@ -990,8 +1007,8 @@ def test_callback_generates_with_the_trainer_vllm_engine(tiny_model_dir, monkeyp
         else:
             trainer.vllm_generation = engine
         callback = BenchmarkEvalCallback(
-            ["toy_arithmetic"], 2, k=3, num_problems=NUM_TOY, max_new_tokens=5, seed=11, save_results=False,
-            trainer=trainer,
+            ["toy_arithmetic"], 2, k=3, num_problems=NUM_TOY, sampling=SamplingSettings(max_new_tokens=5, seed=11),
+            save_results=False, trainer=trainer,
         )  # fmt: skip
         control = callback.on_step_end(args, state, TrainerControl(), model=model, processing_class=tokenizer)
         assert control.should_log and callback._pending["eval/toy_arithmetic/mean@3"] == 1.0
@@ -1032,7 +1049,8 @@ def test_callback_generates_through_the_trainer_vllm_server(tiny_model_dir, monk
         model=model, vllm_generation=engine, args=types.SimpleNamespace(use_vllm=True, vllm_mode="server")
     )
     callback = BenchmarkEvalCallback(
-        ["toy_arithmetic"], 1, k=2, num_problems=NUM_TOY, max_new_tokens=5, seed=3, trainer=trainer,
+        ["toy_arithmetic"], 1, k=2, num_problems=NUM_TOY, sampling=SamplingSettings(max_new_tokens=5, seed=3),
+        trainer=trainer,
     )  # fmt: skip
     metrics = callback.evaluate(model, tokenizer, step=1, show_progress=False)
     (prompts, n, kwargs), = calls  # fmt: skip
