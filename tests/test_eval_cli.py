@@ -79,3 +79,17 @@ def test_vllm_backend_code_path_with_a_stand_in_vllm(oracle_model_dir, tmp_path,
     tokenizer = AutoTokenizer.from_pretrained(oracle_model_dir)
     assert seen["prompts"] == [encode_prompt(tokenizer, p) for p, _ in toy_pairs_for_stub]
     assert seen["lora_requests"] == [None] and "enable_lora" not in seen["llm"]  # no adapter: no LoRA
+
+
+def test_every_name_of_the_command_runs_the_same_main():
+    """The installed `bandpo-eval`, `python -m bandpo_trl.evaluation` and the `python -m bandpo_trl.evaluate` alias all
+    run `bandpo_trl.evaluation.cli.main` (tests/test_truthful_runs.py runs the installed script)."""
+    from importlib.metadata import entry_points
+
+    import bandpo_trl.evaluate
+    import bandpo_trl.evaluation.__main__ as package_main
+    from bandpo_trl.evaluation import cli
+
+    (script,) = [ep for ep in entry_points(group="console_scripts") if ep.name == "bandpo-eval"]
+    assert script.value == "bandpo_trl.evaluation.cli:main"
+    assert script.load() is cli.main is main is package_main.main is bandpo_trl.evaluate.main

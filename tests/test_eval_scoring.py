@@ -31,3 +31,13 @@ def test_score_toy_samples_with_the_toy_reward_checker():
     answers, correct = score_completions(["47", " 47\n", "48", "47 apples", ""], "47", checker, extractor)
     assert correct == [True, True, False, False, False]
     assert answers == ["47", "47", "48", None, None]
+
+
+def test_toy_checker_is_the_toy_reward():
+    from bandpo_trl.rewards import toy_accuracy_reward
+
+    checker, extractor = get_checker("toy_arithmetic")
+    texts = ["47", " 47\n", "047", "-3", "48", "47 1", "4 7", "", "x"]
+    for gold in ("47", "-3"):
+        assert [checker(t, gold) for t in texts] == [r == 1.0 for r in toy_accuracy_reward(texts, answer=[gold] * 9)]
+    assert [extractor(t) for t in texts] == ["47", "47", "047", "-3", "48", None, None, None, None]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import logging
@@ -186,6 +187,10 @@ class TransformersGenerator:
 
     @torch.no_grad()
     def _generate_batch(self, prompts: list[list[int]], n: int) -> list[Completion]:
+        if n != 1 and self.sampling.greedy:
+            # Greedy decoding has one continuation per prompt (transformers refuses num_return_sequences > 1 without
+            # sampling): decode it once and repeat it, prompt-major like sampled rows.
+            return [dataclasses.replace(c) for c in self._generate_batch(prompts, 1) for _ in range(n)]
         pad = self.generation_config.pad_token_id
         width = max(len(ids) for ids in prompts)
         input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
