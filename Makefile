@@ -34,7 +34,7 @@ train: install
 
 eval: install
 	@test -f outputs/tiny-bandpo-kl/config.json || { echo "No trained model in outputs/tiny-bandpo-kl: run 'make train' first."; exit 1; }
-	$(PY) -m bandpo_trl.evaluate --model outputs/tiny-bandpo-kl --benchmarks toy_arithmetic --k 8 --pass_k 1 8 \
+	$(PY) -m bandpo_trl.evaluation --model outputs/tiny-bandpo-kl --benchmarks toy_arithmetic --k 8 --pass_k 1 8 \
 		--num_problems 512 --max_new_tokens 4 --batch_size 256 --torch_num_threads 1
 
 bench: install

@@ -108,8 +108,9 @@ def flag_args(options: dict) -> list[str]:
 
 
 def warm_up(args) -> str:
-    """The recipe's warm-up (bandpo_trl.train.load_tiny), once, cached in <warmup-cache>/warmup; its directory."""
-    from bandpo_trl.train import load_tiny, make_parser
+    """The recipe's warm-up (bandpo_trl.models.load_tiny), once, cached in <warmup-cache>/warmup; its directory."""
+    from bandpo_trl.arguments import make_parser
+    from bandpo_trl.models import load_tiny
 
     _, training_args, _, tiny_args = make_parser().parse_args_and_config(
         args=["--config", str(args.recipe), "--output_dir", str(args.warmup_cache), *args.recipe_overrides]

@@ -19,10 +19,10 @@ import pytest
 import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 
+from bandpo_trl.arguments import ScriptArguments, make_parser
 from bandpo_trl.config import BandGRPOConfig, is_on_policy
 from bandpo_trl.data import available_datasets
 from bandpo_trl.rewards import available_rewards
-from bandpo_trl.train import ScriptArguments, make_parser
 
 ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
 RECIPES = os.path.join(ROOT, "recipes")

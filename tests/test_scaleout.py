@@ -28,8 +28,8 @@ from torch.distributed.run import get_args_parser as torchrun_parser
 from torch.distributed.run import get_rdzv_endpoint
 from trl import ModelConfig
 
+from bandpo_trl.arguments import make_parser
 from bandpo_trl.config import BandGRPOConfig
-from bandpo_trl.train import make_parser
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 RECIPES = os.path.join(ROOT, "recipes")
