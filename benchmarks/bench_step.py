@@ -219,7 +219,7 @@ def worker(args) -> None:
     )
     band_code = []  # (optimizer step, seconds) spent in Band's own methods, per call
     if args.worker == "band" and not cuda:
-        for name in ("compute_clip_bounds", "_log_band_metrics"):
+        for name in ("compute_clip_bounds", "log_clip_metrics"):
             method = getattr(trainer, name)
 
             def timed(*a, _method=method, _name=name, **k):

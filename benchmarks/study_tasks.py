@@ -4,7 +4,7 @@ Each task defines its prompts, its supervised warm-up set, its reward, and a pro
 measures what the study needs during training. A run is one `BandGRPOTrainer` (the project's trainer, TRL's
 training loop) built from the options of `bandpo_trl.train` and the task's dataset:
 
-    python benchmarks/study_tasks.py --task e1 --model_name_or_path <warm-up dir> --output_dir <run dir> \
+    python -m benchmarks.study_tasks --task e1 --model_name_or_path <warm-up dir> --output_dir <run dir> \
         --clip_rule band --band_divergence kl ...   # any bandpo_trl.train option
 
 E1 (tail learning). 32 prompts `#00>` ... `#31>`; the answer is one character. The rewarded answer is `z`; the

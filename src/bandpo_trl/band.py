@@ -247,11 +247,6 @@ def check_max_ratio(max_ratio, name: str = "max_ratio") -> float | None:
     return float(max_ratio)
 
 
-# The same validators under private names, for config.py, which imports them by these names.
-_check_positive = check_positive
-_check_max_ratio = check_max_ratio
-
-
 def _raw_bounds(
     divergence: Divergence, p: torch.Tensor, q: torch.Tensor, delta: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -198,7 +198,7 @@ class DatasetSource:
 
 
 DATASET_SOURCES: dict[str, DatasetSource] = {
-    # Training sets (BANDPO.md section 5). The English, deduplicated DAPO-Math-17k.
+    # Training sets (docs/method.md §7.3). The English, deduplicated DAPO-Math-17k.
     "dapo_math_17k": DatasetSource("open-r1/DAPO-Math-17k-Processed", "en", "train", map_dapo_math_17k_row),
     "math_l3_5": DatasetSource(
         "DigitalLearningGmbH/MATH-lighteval", "default", "train", map_math_row, is_math_train_row
