@@ -14,9 +14,11 @@ tokens clipped (ratio past the bound that zeroes its gradient: above it with a p
 negative one), overall and among rare tokens (old probability < 0.1); TRL's approximate KL (its `kl` metric, mean
 per micro-batch). Each run is a subprocess (clean accelerate state), one torch thread.
 
-    python benchmarks/async_staleness.py            # staleness 0, 1, 2, 4 x clip, band x 2 seeds, 40 steps
-                                                    # (about 6 min on 2 cores); writes results.json and table.md
-    python benchmarks/async_staleness.py --quick    # staleness 0, 2 x 1 seed, 12 steps
+    python -m benchmarks.async_staleness            # staleness 0, 1, 2, 4 x clip, band x 2 seeds, 40 steps (about
+                                                    # 6 min on 2 cores); writes runs.json and table.md to --output-dir
+    python -m benchmarks.async_staleness --quick    # staleness 0, 2 x 1 seed, 12 steps
+
+The committed results are in docs/async_staleness/ (`--output-dir docs/async_staleness`).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
 RULES = {"clip": {"clip_rule": "clip"}, "band": {"clip_rule": "band", "band_divergence": "kl", "band_delta": 0.05}}
 LABELS = {"clip": "clip [0.8, 1.2]", "band": "Band KL 0.05"}
 STATS = ("ratio_dev", "outside_fixed", "clipped", "rare_clipped", "kl")
@@ -95,7 +98,7 @@ def run_one(args) -> dict:
             seed=args.seed,
         )
         config = BandAsyncGRPOConfig(
-            output_dir=os.path.join(args.output_dir, f"{args.rule}-k{args.staleness}-s{args.seed}"),
+            output_dir=os.path.join(args.work_dir, f"{args.rule}-k{args.staleness}-s{args.seed}"),
             **RULES[args.rule],
             bf16=False,
             use_cpu=True,
@@ -178,7 +181,10 @@ def table(results: list[dict], rules, stalenesses) -> str:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output-dir", default="outputs/bench-async-staleness")
+    parser.add_argument(
+        "--output-dir", default="outputs/bench-async-staleness", help="where runs.json and table.md go"
+    )
+    parser.add_argument("--work-dir", default="outputs/bench-async-staleness", help="the warmed-up model, the runs")
     parser.add_argument("--staleness", type=int, nargs="+", default=[0, 1, 2, 4])
     parser.add_argument("--rules", nargs="+", default=list(RULES), choices=list(RULES))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
@@ -203,7 +209,8 @@ def main(argv=None) -> int:
         args.staleness, args.seeds, args.steps = [0, 2], [0], 12
 
     start = time.time()
-    model_dir = warmed_up_model(args.output_dir)
+    args.work_dir = os.path.abspath(args.work_dir)
+    model_dir = warmed_up_model(args.work_dir)
     results = []
     for seed in args.seeds:
         for k in args.staleness:
@@ -219,7 +226,7 @@ def main(argv=None) -> int:
                     "--seed",
                     str(seed),
                 ]
-                cmd += ["--model-dir", model_dir, "--output-dir", args.output_dir, "--steps", str(args.steps)]
+                cmd += ["--model-dir", model_dir, "--work-dir", args.work_dir, "--steps", str(args.steps)]
                 cmd += [
                     "--batch",
                     str(args.batch),
@@ -229,7 +236,7 @@ def main(argv=None) -> int:
                     str(args.num_generations),
                 ]
                 cmd += ["--completion-length", str(args.completion_length), "--learning-rate", str(args.learning_rate)]
-                out = subprocess.run(cmd, capture_output=True, text=True)
+                out = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
                 if out.returncode:
                     sys.stderr.write(out.stdout[-3000:] + out.stderr[-5000:])
                     raise SystemExit(f"run {rule} staleness {k} seed {seed} failed (exit {out.returncode})")
@@ -237,7 +244,7 @@ def main(argv=None) -> int:
                 results.append(result)
                 print(json.dumps(result), flush=True)
     Path(args.output_dir).mkdir(parents=True, exist_ok=True)
-    (Path(args.output_dir) / "results.json").write_text(json.dumps(results, indent=1))
+    (Path(args.output_dir) / "runs.json").write_text(json.dumps(results, indent=1))
     setting = (
         f"{len(args.seeds)} seed(s), {args.steps} optimizer steps of {args.batch * args.ga} completions "
         f"({args.num_generations} per prompt), learning rate {args.learning_rate}; {time.time() - start:.0f} s"

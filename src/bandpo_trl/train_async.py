@@ -24,14 +24,14 @@ import sys
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoTokenizer
 from trl import TrlParser
 
+from .arguments import ScriptArguments
 from .async_config import BandAsyncGRPOConfig
 from .checkpoints import resolve_resume_checkpoint
-from .data import available_datasets
+from .data import available_datasets, drop_long_prompts, load_train_dataset
+from .models import available_models, load_tokenizer
 from .rewards import get_reward_funcs, opens_think_block
-from .train import TINY_MODEL_NAME, ScriptArguments, drop_long_prompts, load_train_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -52,10 +52,10 @@ def check_async_arguments(script_args: ScriptArguments, model_args: AsyncModelAr
     """Refuse, before anything is loaded, what the asynchronous trainer cannot do (each message says what to use)."""
     if not model_args.model_name_or_path:
         raise ValueError("model_name_or_path is required: the model the vLLM server serves")
-    if model_args.model_name_or_path == TINY_MODEL_NAME:
+    if model_args.model_name_or_path in available_models():
         raise ValueError(
-            "model_name_or_path=tiny builds the embedded CPU default, which no vLLM server serves; the asynchronous "
-            "trainer needs one. Train it with `python -m bandpo_trl.train` instead."
+            f"model_name_or_path={model_args.model_name_or_path} names a model built locally for a run, which no vLLM "
+            "server serves; the asynchronous trainer needs one. Train it with `python -m bandpo_trl.train` instead."
         )
     if script_args.eval_every_steps > 0:
         raise ValueError(
@@ -76,12 +76,10 @@ def train(script_args: ScriptArguments, training_args: BandAsyncGRPOConfig, mode
     if script_args.torch_num_threads:
         torch.set_num_threads(script_args.torch_num_threads)
     reward_funcs = get_reward_funcs(script_args.reward_funcs)
-    tokenizer = AutoTokenizer.from_pretrained(
+    tokenizer = load_tokenizer(
         model_args.model_name_or_path,
         revision=model_args.model_revision,
         trust_remote_code=training_args.trust_remote_code,
-        padding_side="left",
-        truncation_side="left",
     )
     if opens_think_block(tokenizer):
         raise ValueError(
