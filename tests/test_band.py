@@ -842,3 +842,11 @@ def test_generator_check_calls_f_twice_on_small_tensors():
 
     register_divergence("test_band_counted", f)
     assert calls == [(202,), (2, 75)]
+
+
+@pytest.mark.parametrize("delta", [0.6053569067948215, 0.05, 0.3, 1.0])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_hellinger_upper_not_below_one_at_p_one(delta, dtype):
+    """At p = 1 the closed form's cos^2 + sin^2 can round below 1 (0.99999994 in float32 at this delta); u >= 1."""
+    lower, upper = band_bounds(torch.zeros(3, dtype=dtype), "hellinger", delta, max_ratio=None)
+    assert (upper == 1).all() and (lower <= 1).all()

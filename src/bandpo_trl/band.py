@@ -193,14 +193,14 @@ def _hellinger_odds_bounds(t: torch.Tensor, delta: float) -> tuple[torch.Tensor,
     #   l = sin^2(max(alpha - phi, 0)) / p = max(cos phi - w sin phi, 0)^2
     #   u = sin^2(min(alpha + phi, pi/2)) / p = (cos phi + w sin phi)^2 + max(sin phi - w cos phi, 0)^2,
     # where the second term, cos^2(alpha + phi) / p while alpha + phi > pi/2, makes u = 1/p there without a mask.
-    # The min with 1/p = 1 + t undoes rounding above it (cos^2 + sin^2 may round to 1 + ulp): u = 1 exactly at t = 0.
+    # cos^2 + sin^2 may round to 1 +- ulp: clamping to [1, 1/p] = [1, 1 + t] keeps u >= 1, and u = 1 exactly at t = 0.
     cos_phi = max(1 - delta / 2, -1.0)
     sin_phi = math.sqrt(1 - cos_phi * cos_phi)
     w = torch.sqrt(t)
     lower = torch.mul(w, -sin_phi).add_(cos_phi).relu_().square_()
     upper = torch.mul(w, sin_phi).add_(cos_phi).square_()
     upper.add_(w.mul_(-cos_phi).add_(sin_phi).relu_().square_())
-    return lower, torch.minimum(upper, torch.add(t, 1), out=upper)
+    return lower, torch.minimum(upper.clamp_(min=1), torch.add(t, 1), out=upper)
 
 
 register_divergence("kl", lambda u: u - 1 - torch.log(u), _kl_raw_bounds, lambda delta: math.exp(-delta))
