@@ -22,6 +22,7 @@ $(STAMP): setup.cfg pyproject.toml
 
 lint: install
 	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff format --check src tests benchmarks
 
 test: lint
 	$(PY) -m pytest -q
@@ -36,11 +37,11 @@ train: install
 
 eval: install
 	@test -f outputs/tiny-bandpo-kl/config.json || { echo "No trained model in outputs/tiny-bandpo-kl: run 'make train' first."; exit 1; }
-	$(PY) -m bandpo_trl.evaluate --model outputs/tiny-bandpo-kl --benchmarks toy_arithmetic --k 8 --pass_k 1 8 \
+	$(PY) -m bandpo_trl.evaluation --model outputs/tiny-bandpo-kl --benchmarks toy_arithmetic --k 8 --pass_k 1 8 \
 		--num_problems 512 --max_new_tokens 4 --batch_size 256 --torch_num_threads 1
 
 bench: install
-	$(PY) benchmarks/bench_band.py
+	$(PY) -m benchmarks.bench_band
 
 clean:
 	rm -rf $(VENV) outputs .pytest_cache

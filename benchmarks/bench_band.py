@@ -7,8 +7,8 @@ For N float32 tokens (default 1M) it times, per divergence, ``band_bounds`` agai
       host synchronisation (``.item()``) to test for convergence,
 and reports the worst relative error of (b) and of ``band_bounds`` against a float64 ``band_bounds``.
 
-    python benchmarks/bench_band.py                 # CPU, 1M tokens
-    python benchmarks/bench_band.py --device cuda   # on a GPU
+    python -m benchmarks.bench_band                 # CPU, 1M tokens (from the repository root)
+    python -m benchmarks.bench_band --device cuda   # on a GPU
 """
 
 from __future__ import annotations

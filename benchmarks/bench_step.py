@@ -23,9 +23,9 @@ Memory:
   one extra, untimed run per trainer (the profiler slows the step).
 - CUDA: `torch.cuda.max_memory_allocated()` over the training (reset when training starts).
 
-    python benchmarks/bench_step.py                   # CPU, tiny model, the default recipe's settings, 16 repetitions
-    python benchmarks/bench_step.py --quick           # 2 repetitions of 16 steps
-    python benchmarks/bench_step.py --device cuda --model qwen2-0.5b --reps 2 --steps 20   # on a GPU, bf16
+    python -m benchmarks.bench_step                   # CPU, tiny model, the default recipe's settings, 16 repetitions
+    python -m benchmarks.bench_step --quick           # 2 repetitions of 16 steps
+    python -m benchmarks.bench_step --device cuda --model qwen2-0.5b --reps 2 --steps 20   # on a GPU, bf16
 """
 
 from __future__ import annotations
@@ -219,7 +219,7 @@ def worker(args) -> None:
     )
     band_code = []  # (optimizer step, seconds) spent in Band's own methods, per call
     if args.worker == "band" and not cuda:
-        for name in ("compute_clip_bounds", "_log_band_metrics"):
+        for name in ("compute_clip_bounds", "log_clip_metrics"):
             method = getattr(trainer, name)
 
             def timed(*a, _method=method, _name=name, **k):
@@ -245,7 +245,9 @@ def worker(args) -> None:
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "rss_growth_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - probe.rss_start / 2**20,
         "clip_region_mean": statistics.fmean(h.get("clip_ratio/region_mean", 0.0) for h in steps),
-        "completion_length": statistics.fmean(h["completions/mean_length"] for h in steps if "completions/mean_length" in h),
+        "completion_length": statistics.fmean(
+            h["completions/mean_length"] for h in steps if "completions/mean_length" in h
+        ),
     }
     if band_code:
         # two timed calls per micro-batch, summed per optimizer step; the steps timed above only
@@ -271,8 +273,21 @@ def start_worker(args, trainer: str, out_dir: Path, tag: str, profile_steps: int
     result.unlink(missing_ok=True)
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", trainer, "--result", str(result)]
     cmd += ["--model-dir", str(args.model_dir)]
-    for name in ("model", "device", "batch", "num_generations", "completion_length", "ga", "spg", "steps", "skip",
-                 "threads", "learning_rate", "loss_type", "beta"):
+    for name in (
+        "model",
+        "device",
+        "batch",
+        "num_generations",
+        "completion_length",
+        "ga",
+        "spg",
+        "steps",
+        "skip",
+        "threads",
+        "learning_rate",
+        "loss_type",
+        "beta",
+    ):
         cmd += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
     if args.gradient_checkpointing:
         cmd.append("--gradient-checkpointing")
@@ -296,8 +311,23 @@ def run_worker(args, trainer: str, out_dir: Path, tag: str, profile_steps: int =
 
 
 # two-sided 95% Student t quantiles by degrees of freedom (beyond 30: normal)
-_T95 = {1: 12.71, 2: 4.30, 3: 3.18, 4: 2.78, 5: 2.57, 6: 2.45, 7: 2.36, 8: 2.31, 9: 2.26, 10: 2.23, 12: 2.18, 15: 2.13,
-        20: 2.09, 25: 2.06, 30: 2.04}
+_T95 = {
+    1: 12.71,
+    2: 4.30,
+    3: 3.18,
+    4: 2.78,
+    5: 2.57,
+    6: 2.45,
+    7: 2.36,
+    8: 2.31,
+    9: 2.26,
+    10: 2.23,
+    12: 2.18,
+    15: 2.13,
+    20: 2.09,
+    25: 2.06,
+    30: 2.04,
+}
 
 
 def fmt_ratio(values: list[float]) -> str:
@@ -404,8 +434,10 @@ def main() -> None:
 
     first = runs["grpo"][0]
     print()
-    print(f"parameters {first['parameters']:,}; mean completion length {first['completion_length']:.1f} tokens; "
-          f"clipped-token share grpo {med('grpo', 'clip_region_mean'):.4f}, band {med('band', 'clip_region_mean'):.4f}")
+    print(
+        f"parameters {first['parameters']:,}; mean completion length {first['completion_length']:.1f} tokens; "
+        f"clipped-token share grpo {med('grpo', 'clip_region_mean'):.4f}, band {med('band', 'clip_region_mean'):.4f}"
+    )
     header = f"{'':<32} {'median step ms':>15} {'mean step ms':>13} {'peak RSS MiB':>13} {'RSS growth MiB':>15}"
     extra = []
     if args.device == "cuda":

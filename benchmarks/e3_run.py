@@ -29,17 +29,11 @@ from transformers import TrainerCallback
 from trl import get_peft_config, get_quantization_config
 
 from bandpo_trl import BandGRPOTrainer
-from bandpo_trl.evaluation import BenchmarkEvalCallback
+from bandpo_trl.arguments import make_parser
+from bandpo_trl.data import check_enough_prompts, drop_long_prompts, load_train_dataset
+from bandpo_trl.evaluation import BenchmarkEvalCallback, SamplingSettings
+from bandpo_trl.models import load_tokenizer, model_init_kwargs, resolve_model_name
 from bandpo_trl.rewards import get_reward_funcs
-from bandpo_trl.smollm2 import resolve_model_name
-from bandpo_trl.train import (
-    check_enough_prompts,
-    drop_long_prompts,
-    load_tokenizer,
-    load_train_dataset,
-    make_parser,
-    model_init_kwargs,
-)
 
 
 def append_jsonl(path: Path, record: dict) -> None:
@@ -91,13 +85,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--deadline", type=float, default=math.inf, help="Unix time after which training stops")
     known, rest = parser.parse_known_args(argv)
     started = time.time()
-    script_args, training_args, model_args, _ = make_parser().parse_args_and_config(args=rest)
+    script_args, training_args, model_args, tiny_args = make_parser().parse_args_and_config(args=rest)
     torch.set_num_threads(script_args.torch_num_threads or 1)
     if not script_args.eval_benchmarks or script_args.eval_every_steps <= 0:
         raise SystemExit("an E3 run needs eval_benchmarks and eval_every_steps > 0 (its recipe sets them)")
 
-    model_args.model_name_or_path = resolve_model_name(model_args.model_name_or_path)
-    tokenizer = load_tokenizer(model_args, training_args)
+    model_args.model_name_or_path = resolve_model_name(model_args.model_name_or_path, training_args, tiny_args)
+    tokenizer = load_tokenizer(
+        model_args.model_name_or_path,
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+    )
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
     train_dataset = drop_long_prompts(
         load_train_dataset(script_args, training_args.seed), tokenizer, script_args.max_prompt_length
@@ -109,11 +107,14 @@ def main(argv: list[str] | None = None) -> int:
         k=script_args.eval_k,
         pass_k=sorted({1, script_args.eval_k}),
         num_problems=script_args.eval_num_problems,
-        max_new_tokens=training_args.max_completion_length,
-        temperature=training_args.temperature,
-        top_p=training_args.top_p,
+        # As the policy samples in training; the same sampling seed in every run and at every evaluation.
+        sampling=SamplingSettings(
+            temperature=training_args.temperature,
+            top_p=training_args.top_p,
+            max_new_tokens=training_args.max_completion_length,
+            seed=0,
+        ),
         batch_size=script_args.eval_k * (script_args.eval_num_problems or 64),  # one generate call
-        seed=0,  # the same held-out samples' random stream in every run
         show_progress=False,
     )
     recorder = StudyRecorder(evaluator, script_args.eval_every_steps, training_args.output_dir, known.deadline)

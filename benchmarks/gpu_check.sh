@@ -4,11 +4,11 @@
 #   1. installs the carried wheels from .whl/ (git-ignored) into /tmp/site: trl and datasets, and what the device
 #      image lacks or has in another version (its image has torch, accelerate, tokenizers, safetensors,
 #      huggingface-hub, psutil, but transformers 5.17 where this project needs >= 5.24);
-#   2. benchmarks/bench_step.py on a random-init model with Qwen2.5-0.5B's shapes (494M parameters, 151,936-token
+#   2. benchmarks.bench_step on a random-init model with Qwen2.5-0.5B's shapes (494M parameters, 151,936-token
 #      vocabulary) in bf16 on cuda: GRPOTrainer (canonical clip 0.2) and BandGRPOTrainer (Band KL, delta 0.05),
 #      identical configuration, 20 optimizer steps per run, 2 repetitions in alternating order (A B, B A):
 #      step-time ratio and peak GPU memory (torch.cuda.max_memory_allocated);
-#   3. benchmarks/bench_band.py --device cuda: the Band operator against the canonical surrogate and against the
+#   3. benchmarks.bench_band --device cuda: the Band operator against the canonical surrogate and against the
 #      authors' style of bisection.
 #
 # Prepare the wheels on the development machine, from the repository root (Python 3.12 on the device):
@@ -78,12 +78,12 @@ EOF
 [[ ${PIPESTATUS[0]} == 0 ]] || exit 1
 
 echo "== bench_step: GRPOTrainer vs BandGRPOTrainer (band kl), $DEVICE"
-timeout 390 "$PY" benchmarks/bench_step.py --device "$DEVICE" "${STEP_ARGS[@]}" --output-dir "$WORK_DIR/bench_step" \
+timeout 390 "$PY" -m benchmarks.bench_step --device "$DEVICE" "${STEP_ARGS[@]}" --output-dir "$WORK_DIR/bench_step" \
     2>&1 | tee "$OUT_DIR/bench_step.txt" || status=1
 cp "$WORK_DIR/bench_step/summary.json" "$OUT_DIR/bench_step_summary.json" 2>/dev/null || status=1
 
 echo "== bench_band: the Band operator, $DEVICE"
-timeout 90 "$PY" benchmarks/bench_band.py --device "$DEVICE" "${BAND_ARGS[@]}" 2>&1 | tee "$OUT_DIR/bench_band.txt" || status=1
+timeout 90 "$PY" -m benchmarks.bench_band --device "$DEVICE" "${BAND_ARGS[@]}" 2>&1 | tee "$OUT_DIR/bench_band.txt" || status=1
 
 echo "gpu_check done in $(($(date +%s) - start)) s, status $status"
 exit $status

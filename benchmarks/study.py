@@ -1,20 +1,21 @@
-"""Where does Band help? The pre-registered study of issue 11 (design and results: docs/study.md).
+"""Where does Band help? The pre-registered study (design and results: docs/study.md).
 
 E1 tail learning and E2 exploration over long completions (tasks: `benchmarks/study_tasks.py`), six clipping rules
 (those of `toy_reproduction.py`: clip [0.8, 1.2], Clip-Higher [0.8, 1.28], DCPO, Band KL/TV/chi2 at delta 0.05),
 5 seeds, paired by seed. Each task's tiny model is warmed up once and shared by every run of that task; each run is
-a subprocess (`study_tasks.py`, i.e. `BandGRPOTrainer` with `bandpo_trl.train`'s options), two at a time, one torch
-thread each.
+a subprocess (`python -m benchmarks.study_tasks`, i.e. `BandGRPOTrainer` with `bandpo_trl.train`'s options), two at
+a time, one torch thread each. From the repository root:
 
-    python benchmarks/study.py              # the full study (both experiments, 6 rules x 5 seeds)
-    python benchmarks/study.py --quick      # clip and Band KL x 2 seeds, short runs: a few minutes
-    python benchmarks/study.py --plot-only  # redo tables and plots from the saved runs
+    python -m benchmarks.study              # the full study (both experiments, 6 rules x 5 seeds)
+    python -m benchmarks.study --quick      # clip and Band KL x 2 seeds, short runs: a few minutes
+    python -m benchmarks.study --plot-only  # redo tables and plots from the saved runs
 
-    python benchmarks/study.py --experiments e2s --methods clip band_kl   # E2's sensitivity arm (lr 1e-3)
+    python -m benchmarks.study --experiments e2s --methods clip band_kl   # E2's sensitivity arm (lr 1e-3)
 
 Outputs: `<output-dir>/<experiment>/runs/<rule>-s<seed>/{trainer_state.json,probe.json,train.log}` (raw, git-ignored);
 `<results-dir>/study_<experiment>_{runs.csv,table.md,summary.json}` (one line per run; the tables; mean, 95% CI and
-paired differences); plots `<plot-dir>/study_<experiment>_{curves,buckets}.png`.
+paired differences); plots `<plot-dir>/study_<experiment>_{curves,buckets}.png`. Both directories default to
+`docs/study/`, the study's one folder of results (`--quick`: the output directory).
 """
 
 from __future__ import annotations
@@ -30,11 +31,11 @@ import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from toy_reproduction import BUCKETS, COLORS, LABELS, METHODS, flag_args, save_small, series, smooth  # noqa: E402
+from benchmarks.toy_reproduction import BUCKETS, COLORS, LABELS, METHODS, flag_args, save_small, series, smooth
 
 ROOT = Path(__file__).resolve().parent.parent
-TASKS_SCRIPT = Path(__file__).resolve().parent / "study_tasks.py"
+STUDY_DIR = ROOT / "docs" / "study"  # the committed results: tables, run lists, summaries and plots
+TASKS_MODULE = "benchmarks.study_tasks"  # run with the repository root as working directory
 
 # Shared by every run of both experiments.
 COMMON = {
@@ -99,7 +100,7 @@ QUICK = {"e1": {"max_steps": 40}, "e2": {"max_steps": 40}, "e2s": {"max_steps": 
 
 def run_command(method: str, seed: int, model_dir: str, run_dir: Path, settings: dict) -> list[str]:
     return [
-        sys.executable, str(TASKS_SCRIPT),
+        sys.executable, "-m", TASKS_MODULE,
         "--task", settings["task"],
         "--probe_every", str(settings["probe_every"]),
         "--model_name_or_path", model_dir,
@@ -549,7 +550,9 @@ def analyze(args, exp: str, settings: dict) -> tuple[dict, str, list[Path]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.study", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--experiments", nargs="+", default=["e1", "e2"], choices=list(SETTINGS))
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2, 3, 4])
@@ -557,8 +560,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output-dir", type=Path, default=ROOT / "outputs" / "study")
     parser.add_argument("--warmup-cache", type=Path, default=ROOT / "outputs" / "study_warmup",
                         help="<dir>/<task>/warmup: the task's warm-up, shared by the full and the quick study")  # fmt: skip
-    parser.add_argument("--plot-dir", type=Path, default=ROOT / "docs")
-    parser.add_argument("--results-dir", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--plot-dir", type=Path, default=STUDY_DIR)
+    parser.add_argument("--results-dir", type=Path, default=STUDY_DIR)
     parser.add_argument("--quick", action="store_true", help="clip and Band KL x 2 seeds, short runs")
     parser.add_argument("--plot-only", action="store_true", help="only redo tables and plots from the saved runs")
     args = parser.parse_args(argv)
@@ -566,16 +569,16 @@ def main(argv: list[str] | None = None) -> None:
         args.methods, args.seeds = ["clip", "band_kl"], args.seeds[:2]
         if args.output_dir == ROOT / "outputs" / "study":
             args.output_dir = ROOT / "outputs" / "study_quick"
-        if args.plot_dir == ROOT / "docs":
+        if args.plot_dir == STUDY_DIR:
             args.plot_dir = args.output_dir
-        if args.results_dir == ROOT / "benchmarks" / "results":
+        if args.results_dir == STUDY_DIR:
             args.results_dir = args.output_dir
     args.output_dir = args.output_dir.resolve()
     settings = {exp: experiment_settings(exp, args.quick) for exp in args.experiments}
 
     started = time.time()
     if not args.plot_only:
-        from study_tasks import warm_up_task
+        from benchmarks.study_tasks import warm_up_task
 
         model_dirs = {}  # per task: E2's sensitivity arm shares E2's warm-up
         for exp in args.experiments:

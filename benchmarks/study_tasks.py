@@ -4,7 +4,7 @@ Each task defines its prompts, its supervised warm-up set, its reward, and a pro
 measures what the study needs during training. A run is one `BandGRPOTrainer` (the project's trainer, TRL's
 training loop) built from the options of `bandpo_trl.train` and the task's dataset:
 
-    python benchmarks/study_tasks.py --task e1 --model_name_or_path <warm-up dir> --output_dir <run dir> \
+    python -m benchmarks.study_tasks --task e1 --model_name_or_path <warm-up dir> --output_dir <run dir> \
         --clip_rule band --band_divergence kl ...   # any bandpo_trl.train option
 
 E1 (tail learning). 32 prompts `#00>` ... `#31>`; the answer is one character. The rewarded answer is `z`; the
@@ -36,10 +36,11 @@ from datasets import Dataset
 from transformers import TrainerCallback
 
 from bandpo_trl import BandGRPOTrainer
+from bandpo_trl.arguments import make_parser
 from bandpo_trl.clip_metrics import PROB_BUCKETS, in_bucket
 from bandpo_trl.metrics import problem_pass_at_k
+from bandpo_trl.models import load_tokenizer, model_init_kwargs
 from bandpo_trl.rewards import completion_text
-from bandpo_trl.train import load_tokenizer, make_parser, model_init_kwargs
 
 # ------------------------------------------------------------------------------------------------------------ E1
 
@@ -326,7 +327,11 @@ def main(argv: list[str] | None = None) -> BandGRPOTrainer:
     script_args, training_args, model_args, _ = make_parser().parse_args_and_config(args=rest)
     torch.set_num_threads(script_args.torch_num_threads or 1)
     # The warmed-up model is loaded by TRL's trainer from its directory, as `bandpo-train` loads any model.
-    tokenizer = load_tokenizer(model_args, training_args)
+    tokenizer = load_tokenizer(
+        model_args.model_name_or_path,
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+    )
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
     task = TASKS[known.task]
     probe = Probe(

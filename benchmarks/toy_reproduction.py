@@ -16,11 +16,13 @@ Recorded per optimizer step (logging_steps = 1): reward (per generation batch), 
 clip fractions and the trainer's clip fractions by old-probability bucket. Outputs:
 - `<output-dir>/runs/<method>-s<seed>/trainer_state.json` (TRL's log) and `<output-dir>/steps.csv` (all runs),
 - `<output-dir>/summary.json` and `<output-dir>/table.md`,
-- plots `docs/toy_reproduction_curves.png` and `docs/toy_reproduction_buckets.png` (`--plot-dir`).
+- plots `docs/toy_reproduction/toy_reproduction_curves.png` and `..._buckets.png` (`--plot-dir`, `--name`).
 
-    python benchmarks/toy_reproduction.py              # full: 6 methods x 3 seeds (see --help for the setting)
-    python benchmarks/toy_reproduction.py --quick      # 3 methods x 2 seeds, fewer steps: a few minutes
-    python benchmarks/toy_reproduction.py --plot-only  # redo the table and plots from the saved runs
+From the repository root:
+
+    python -m benchmarks.toy_reproduction              # full: 6 methods x 3 seeds (see --help for the setting)
+    python -m benchmarks.toy_reproduction --quick      # 3 methods x 2 seeds, fewer steps: a few minutes
+    python -m benchmarks.toy_reproduction --plot-only  # redo the table and plots from the saved runs
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+PLOT_DIR = ROOT / "docs" / "toy_reproduction"  # the committed plots
 RECIPE = ROOT / "recipes" / "tiny" / "bandpo" / "config_kl.yaml"
 
 METHODS = {
@@ -105,8 +108,9 @@ def flag_args(options: dict) -> list[str]:
 
 
 def warm_up(args) -> str:
-    """The recipe's warm-up (bandpo_trl.train.load_tiny), once, cached in <warmup-cache>/warmup; its directory."""
-    from bandpo_trl.train import load_tiny, make_parser
+    """The recipe's warm-up (bandpo_trl.models.load_tiny), once, cached in <warmup-cache>/warmup; its directory."""
+    from bandpo_trl.arguments import make_parser
+    from bandpo_trl.models import load_tiny
 
     _, training_args, _, tiny_args = make_parser().parse_args_and_config(
         args=["--config", str(args.recipe), "--output_dir", str(args.warmup_cache), *args.recipe_overrides]
@@ -252,7 +256,9 @@ def summarize(args, runs) -> tuple[dict, str]:
         reached = [x for x in reach if x is not None]
 
         def run_mean(key, per_seed=per_seed):
-            return [statistics.fmean(series(r, key)[1]) if series(r, key)[1] else float("nan") for r in per_seed.values()]
+            return [
+                statistics.fmean(series(r, key)[1]) if series(r, key)[1] else float("nan") for r in per_seed.values()
+            ]
 
         def low_p(r, kind):
             # share of the tokens with old p < 0.1 clipped up (kind="clip_high") or down, token-weighted over the
@@ -283,7 +289,11 @@ def summarize(args, runs) -> tuple[dict, str]:
                 if seed in base
             ]
         summary[method] = entry
-        reach_text = f"{statistics.median(reached):.0f} ({len(reached)}/{len(reach)} seeds)" if reached else f"never (0/{len(reach)})"
+        reach_text = (
+            f"{statistics.median(reached):.0f} ({len(reached)}/{len(reach)} seeds)"
+            if reached
+            else f"never (0/{len(reach)})"
+        )
         lines.append(
             f"| {LABELS[method]} | {len(per_seed)} | {mean_std(entry['final_reward'])} | "
             f"{mean_std(entry['final_entropy'])} | {delta(entry['delta_reward_vs_clip'], method)} | "
@@ -361,14 +371,19 @@ def plot(args, runs) -> list[Path]:
 
     fig, axes = plt.subplots(1, 2, figsize=(12, 3.6), dpi=80, sharey=False)
     width = 0.8 / len(runs)
-    for ax, kind, title in zip(axes, ("clip_high", "clip_low"), ("clipped up (A > 0, ratio above the upper bound)",
-                                                                  "clipped down (A < 0, ratio below the lower bound)")):
+    for ax, kind, title in zip(
+        axes,
+        ("clip_high", "clip_low"),
+        ("clipped up (A > 0, ratio above the upper bound)", "clipped down (A < 0, ratio below the lower bound)"),
+    ):
         for i, method in enumerate(m for m in args.methods if m in runs):
             values = []
             for b in BUCKETS:
                 per_seed = [statistics.fmean(series(r, f"band/{kind}/{b}")[1] or [0.0]) for r in runs[method].values()]
                 values.append(statistics.fmean(per_seed))
-            ax.bar([j + i * width for j in range(len(BUCKETS))], values, width, color=COLORS[method], label=LABELS[method])
+            ax.bar(
+                [j + i * width for j in range(len(BUCKETS))], values, width, color=COLORS[method], label=LABELS[method]
+            )
         ax.set_xticks([j + width * (len(runs) - 1) / 2 for j in range(len(BUCKETS))], [f"old {b}" for b in BUCKETS])
         ax.set_title(f"{title}\nshare of the bucket's tokens, mean over steps and seeds", fontsize=9)
         ax.grid(alpha=0.3, axis="y")
@@ -381,7 +396,11 @@ def plot(args, runs) -> list[Path]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.toy_reproduction",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--recipe", type=Path, default=RECIPE)
     parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -395,7 +414,7 @@ def main() -> None:
     parser.add_argument("--window", type=int, default=5, help="generation batches averaged for the threshold")
     parser.add_argument("--tail", type=float, default=0.2, help="share of the last steps averaged as 'final'")
     parser.add_argument("--output-dir", type=Path, default=ROOT / "outputs" / "toy_reproduction")
-    parser.add_argument("--plot-dir", type=Path, default=ROOT / "docs")
+    parser.add_argument("--plot-dir", type=Path, default=PLOT_DIR)
     parser.add_argument("--name", default="toy_reproduction", help="plot files: <plot-dir>/<name>_curves.png, ...")
     parser.add_argument(
         "--warmup-cache",
@@ -414,7 +433,7 @@ def main() -> None:
         args.steps = 96
         if args.output_dir == ROOT / "outputs" / "toy_reproduction":
             args.output_dir = ROOT / "outputs" / "toy_reproduction_quick"
-        if args.plot_dir == ROOT / "docs":
+        if args.plot_dir == PLOT_DIR:
             args.plot_dir = args.output_dir
     args.output_dir = args.output_dir.resolve()
 
@@ -436,7 +455,9 @@ def main() -> None:
     if args.plot_only and summary_path.exists():  # keep the training run's own wall time
         wall_s = json.loads(summary_path.read_text()).get("wall_s", wall_s)
     summary_path.write_text(
-        json.dumps({"args": {k: str(v) for k, v in vars(args).items()}, "wall_s": wall_s, "methods": summary}, indent=1)
+        json.dumps(
+            {"args": {k: str(v) for k, v in vars(args).items()}, "wall_s": wall_s, "methods": summary}, indent=1
+        )
     )
     print()
     print(table)

@@ -1,4 +1,4 @@
-"""Tests for the Band operator (``bandpo_trl.band``) against BANDPO.md sections 2-4.
+"""Tests for the Band operator (``bandpo_trl.band``) against docs/method.md §2-§4 and §5.4.
 
 The truth used here is independent of the implementation: the reference CSV (60-digit bisection) and
 ``g(p, r)`` written out below in mpmath at 50 digits (mpmath comes with torch, through sympy).
@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bandpo_trl import available_divergences, band_bounds, dcpo_bounds, register_divergence
-from bandpo_trl import band as band_module
+from bandpo_trl.divergences import check_generator, get_divergence
 
 BUILTIN = ("kl", "rkl", "tv", "chi2", "hellinger")
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -29,7 +29,7 @@ DEVICES = [
 ]
 
 # ----------------------------------------------------------------------------------------------------------------
-# Independent truth: f, f''(1), lim_{p -> 1} l(p), and g(p, r) at 50 digits (BANDPO.md section 2).
+# Independent truth: f, f''(1), lim_{p -> 1} l(p), and g(p, r) at 50 digits (docs/method.md §2).
 # ----------------------------------------------------------------------------------------------------------------
 
 mpmath.mp.dps = 50
@@ -212,7 +212,7 @@ def test_roots_solve_g_equals_delta(row):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Properties of BANDPO.md section 2, on a dense float64 grid of p
+# Properties of docs/method.md §2.4, on a dense float64 grid of p
 # ----------------------------------------------------------------------------------------------------------------
 
 _TAIL = torch.logspace(-12, math.log10(0.5), 300, dtype=torch.float64)
@@ -401,7 +401,7 @@ def test_random_inputs_valid_and_mirrored(logp, delta, divergence, dtype, max_ra
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# The capped form (BANDPO.md section 3)
+# The capped form (docs/method.md §4.2)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -447,6 +447,7 @@ def test_extreme_p_rules_switch_exactly_at_the_thresholds(divergence, dtype):
     assert ((lower == 0) & (upper == 10)).tolist()[3:] == [True, True, True]
 
 
+@pytest.mark.usefixtures("divergence_registry")
 def test_closed_form_in_p_and_q_agrees_with_the_odds_form():
     """The two ways to give a closed form (``raw_bounds(p, q, delta)`` with masks for the extreme-p rules, and
     ``odds_bounds(t, delta)``) give the same capped and raw bounds: chi2 written in p and q by hand."""
@@ -458,15 +459,12 @@ def test_closed_form_in_p_and_q_agrees_with_the_odds_form():
     register_divergence(
         "test_band_chi2_pq", lambda u: (u - 1).square(), chi2_in_p_and_q, lambda delta: 1.0, overwrite=True
     )
-    try:
-        x = torch.log(torch.cat([torch.tensor([0.0, 1e-12, 1e-7, 5e-7, 1 - 1e-7, 1 - 1e-9, 1.0]), P_GRID])).double()
-        for delta in DELTAS:
-            for max_ratio in (None, 1.0, 10.0):
-                got = band_bounds(x, "test_band_chi2_pq", delta, max_ratio)
-                want = band_bounds(x, "chi2", delta, max_ratio)
-                torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
-    finally:
-        band_module._REGISTRY.pop("test_band_chi2_pq", None)
+    x = torch.log(torch.cat([torch.tensor([0.0, 1e-12, 1e-7, 5e-7, 1 - 1e-7, 1 - 1e-9, 1.0]), P_GRID])).double()
+    for delta in DELTAS:
+        for max_ratio in (None, 1.0, 10.0):
+            got = band_bounds(x, "test_band_chi2_pq", delta, max_ratio)
+            want = band_bounds(x, "chi2", delta, max_ratio)
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-15)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -474,15 +472,13 @@ def test_closed_form_in_p_and_q_agrees_with_the_odds_form():
 # ----------------------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def from_f():
+@pytest.fixture
+def from_f(divergence_registry):
     """chi2 and kl registered from f alone (no closed form, no limit): names of the registered copies."""
     names = {"chi2": "test_band_chi2_from_f", "kl": "test_band_kl_from_f"}
     register_divergence(names["chi2"], lambda u: (u - 1).square(), overwrite=True)
     register_divergence(names["kl"], lambda u: u - 1 - torch.log(u), overwrite=True)
-    yield names
-    for name in names.values():
-        band_module._REGISTRY.pop(name, None)
+    return names
 
 
 def test_registered_names_are_listed(from_f):
@@ -524,7 +520,7 @@ def test_generator_only_matches_builtin_on_grid(from_f, divergence, delta):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# DCPO (BANDPO.md section 4)
+# DCPO (docs/method.md §5.4)
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -732,7 +728,7 @@ def test_bad_dcpo_epsilon(name, value):
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Generator checks at registration (issue 12): a generator that would disable or freeze clipping is refused
+# Generator checks at registration: a generator that would disable or freeze clipping is refused
 # ----------------------------------------------------------------------------------------------------------------
 
 
@@ -754,6 +750,8 @@ def js_generator(u):
         (lambda u: torch.ones_like(u), r"must satisfy f\(1\) = 0, got f\(1\) = 1"),
         (lambda u: (u - 1).square() + 0.1, r"must satisfy f\(1\) = 0, got f\(1\) = 0.1"),
         (lambda u: torch.zeros_like(u), r"identically 0 on \[0, 1e6\].*no trust region"),
+        (lambda u: torch.where(u == 0, math.inf, 0.0), r"identically 0 on \[0, 1e6\]"),  # +inf at 0 only
+        (lambda u: 1e-320 * (u - 1).square(), r"identically 0 on \[0, 1e6\] \(no value reaches 2.23e-308\)"),
         (lambda u: torch.xlogy(u, u), r"must be non-negative, got f\(1e-06\) = -1.38155e-05.*u log u - u \+ 1"),
         (
             lambda u: (u - 1).square().sum(),
@@ -771,18 +769,16 @@ def js_generator(u):
         (lambda u: u.undefined_method(), r"raised AttributeError: .*undefined_method"),
     ],
 )
+@pytest.mark.usefixtures("divergence_registry")
 def test_register_refuses_bad_generators(f, message):
     name = "test_band_bad_generator"
-    try:
-        with pytest.raises(ValueError, match=rf"divergence '{name}': (the generator f )?.*{message}"):
-            register_divergence(name, f)
-        assert name not in available_divergences()
-        # Replacing an existing divergence with a bad generator leaves the registered one in place.
-        with pytest.raises(ValueError, match=message):
-            register_divergence("chi2", f, overwrite=True)
-        assert band_module.get_divergence("chi2").odds_bounds is not None
-    finally:
-        band_module._REGISTRY.pop(name, None)
+    with pytest.raises(ValueError, match=rf"divergence '{name}': (the generator f )?.*{message}"):
+        register_divergence(name, f)
+    assert name not in available_divergences()
+    # Replacing an existing divergence with a bad generator leaves the registered one in place.
+    with pytest.raises(ValueError, match=message):
+        register_divergence("chi2", f, overwrite=True)
+    assert get_divergence("chi2").odds_bounds is not None
 
 
 @pytest.mark.parametrize(
@@ -796,22 +792,47 @@ def test_register_refuses_bad_generators(f, message):
         lambda u: torch.xlogy(u, u) - u + 1,
         lambda u: torch.relu(u - 2),  # zero on [0, 2]: a valid (if odd) divergence
         lambda u: 1e-6 * (u - 1).square(),  # small but not zero
+        lambda u: 1e-30 * (u - 1).square(),  # the checks are relative to f's own magnitude
     ],
 )
+@pytest.mark.usefixtures("divergence_registry")
 def test_register_accepts_valid_generators(f):
-    try:
-        register_divergence("test_band_good_generator", f)
-        lower, upper = band_bounds(torch.log(torch.tensor([0.01, 0.5, 0.99])), "test_band_good_generator", 0.05)
-        assert (lower <= 1).all() and (upper >= 1).all()
-    finally:
-        band_module._REGISTRY.pop("test_band_good_generator", None)
+    register_divergence("test_band_good_generator", f)
+    lower, upper = band_bounds(torch.log(torch.tensor([0.01, 0.5, 0.99])), "test_band_good_generator", 0.05)
+    assert (lower <= 1).all() and (upper >= 1).all()
+
+
+@pytest.mark.usefixtures("divergence_registry")
+@pytest.mark.parametrize("scale", [1e-30, 1e30])
+def test_generator_check_does_not_depend_on_scale(scale):
+    """c f is the divergence of f times c: it is accepted or refused as f is, and its bounds at c delta are those
+    of f at delta (chi2 from its generator alone against the closed form)."""
+    register_divergence("test_band_scaled_chi2", lambda u: scale * (u - 1).square())
+    logp = torch.log(P_GRID)
+    for delta in (0.01, 0.05):
+        lower, upper = band_bounds(logp, "test_band_scaled_chi2", delta * scale, None)
+        lower_b, upper_b = band_bounds(logp, "chi2", delta, None)
+        torch.testing.assert_close(upper, upper_b, rtol=1e-9, atol=0)
+        torch.testing.assert_close(lower, lower_b, rtol=1e-9, atol=1e-12)  # as for chi2 from f at scale 1
+    refused = [
+        (lambda u: torch.xlogy(u, u), r"must be non-negative, got f\(1e-06\) = -1.38155e[-+]\d+"),
+        (lambda u: (u - 1).square() + 0.1, r"must satisfy f\(1\) = 0"),
+        (lambda u: torch.minimum((u - 1).abs(), torch.ones_like(u)), r"must be convex"),
+        (lambda u: (u - u.mean()).square(), r"not elementwise"),
+        (lambda u: 0 * u, r"identically 0 on \[0, 1e6\]"),
+    ]
+    for f, message in refused:
+        with pytest.raises(ValueError, match=message):
+            register_divergence("test_band_scaled_bad", lambda u, f=f: scale * f(u))
+    assert "test_band_scaled_bad" not in available_divergences()
 
 
 def test_builtin_generators_pass_the_check():
     for name in BUILTIN:
-        band_module.check_generator(name, band_module.get_divergence(name).f)
+        check_generator(name, get_divergence(name).f)
 
 
+@pytest.mark.usefixtures("divergence_registry")
 def test_generator_check_calls_f_twice_on_small_tensors():
     calls = []
 
@@ -819,8 +840,5 @@ def test_generator_check_calls_f_twice_on_small_tensors():
         calls.append(tuple(u.shape))
         return (u - 1).square()
 
-    try:
-        register_divergence("test_band_counted", f)
-    finally:
-        band_module._REGISTRY.pop("test_band_counted", None)
+    register_divergence("test_band_counted", f)
     assert calls == [(202,), (2, 75)]

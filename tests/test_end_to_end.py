@@ -43,9 +43,7 @@ def step_logs(result):
 def test_band_bites_when_off_policy(tiny_model_dir, tmp_path):
     # A narrow band (delta = 0.002), a large learning rate and 4 optimizer steps per generation batch: the policy
     # leaves the band within the batch, so the bounds act and the band metrics are non-trivial.
-    result = run(
-        tiny_model_dir, tmp_path, "--max_steps", "8", "--learning_rate", "3e-2", "--band_delta", "0.002"
-    )
+    result = run(tiny_model_dir, tmp_path, "--max_steps", "8", "--learning_rate", "3e-2", "--band_delta", "0.002")
     logs = step_logs(result)
     assert result["global_step"] == 8 and len(logs) == 8
     for log in logs:

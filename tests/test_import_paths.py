@@ -1,4 +1,4 @@
-"""Import paths: `bandpo_trl.utils.import_object` and `band_divergence` given as a module path (issue 12)."""
+"""Import paths: `bandpo_trl.utils.import_object` and `band_divergence` given as a module path."""
 
 from __future__ import annotations
 
@@ -12,27 +12,22 @@ import pytest
 import torch
 
 from bandpo_trl import BandGRPOConfig, available_divergences, band_bounds, register_divergence
-from bandpo_trl import band as band_module
 from bandpo_trl.utils import import_object
 
 JS = "0.5 * (torch.xlogy(u, u) - torch.xlogy(u + 1, (u + 1) / 2))"
 
 
 @pytest.fixture
-def workdir(tmp_path, monkeypatch):
+def workdir(tmp_path, monkeypatch, divergence_registry):
     """A fresh working directory for modules written by the test; sys.path, sys.modules and the divergence
     registry are restored afterwards."""
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "path", list(sys.path))
-    modules, registry, aliases = set(sys.modules), dict(band_module._REGISTRY), dict(band_module._ALIASES)
+    modules = set(sys.modules)
     importlib.invalidate_caches()
     yield tmp_path
     for name in set(sys.modules) - modules:
         del sys.modules[name]
-    band_module._REGISTRY.clear()
-    band_module._REGISTRY.update(registry)
-    band_module._ALIASES.clear()
-    band_module._ALIASES.update(aliases)
 
 
 def write(directory, relative, source):

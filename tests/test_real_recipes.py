@@ -1,4 +1,4 @@
-r"""The paper recipes on their real tokenizers and chat templates, offline (issue 15).
+r"""The paper recipes on their real tokenizers and chat templates, offline.
 
 Every paper recipe (`recipes/<Model>/<method>/*.yaml`, not `tiny`) trains two optimizer steps through the installed
 `bandpo-train` on a toy-size random-init copy of its model (real tokenizer, chat template, vocabulary and
@@ -31,9 +31,8 @@ from real_models import (
     save_toy_model,
 )
 
-from bandpo_trl.data import MATH_PROMPT_TEMPLATE, load_named_dataset
+from bandpo_trl.data import MATH_PROMPT_TEMPLATE, drop_long_prompts, load_named_dataset, prompt_lengths
 from bandpo_trl.rewards import in_open_think, math_accuracy_reward, opens_think_block
-from bandpo_trl.train import drop_long_prompts, prompt_lengths
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = (QWEN2_5, R1_DISTILL_QWEN)
@@ -175,7 +174,7 @@ def local_data(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def train_rows(local_data) -> Dataset:
-    """The mapped training rows, as `bandpo_trl.train.load_train_dataset` builds them from the local files."""
+    """The mapped training rows, as `bandpo_trl.data.load_train_dataset` builds them from the local files."""
     from datasets import concatenate_datasets
 
     return concatenate_datasets([load_named_dataset(name, path=path) for name, path in local_data.items()])
@@ -193,13 +192,9 @@ def tokenizer_dirs(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def tokenizers(tokenizer_dirs) -> dict:
     """Each family's tokenizer loaded back as the trainer loads it."""
-    from bandpo_trl.train import load_tokenizer
+    from bandpo_trl.models import load_tokenizer
 
-    loaded = {}
-    for name, path in tokenizer_dirs.items():
-        model_args = type("ModelArgs", (), {"model_name_or_path": str(path), "model_revision": None})()
-        loaded[name] = load_tokenizer(model_args, type("Args", (), {"trust_remote_code": False})())
-    return loaded
+    return {name: load_tokenizer(str(path)) for name, path in tokenizer_dirs.items()}
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
@@ -343,12 +338,12 @@ class _TrainerBuilt(Exception):
     ids=["qwen2_5", "deepseek_r1_distill_qwen"],
 )
 def test_train_gives_the_trainer_rewards_that_know_the_template(
-    tokenizer_dirs, tokenizers, local_data, monkeypatch, tmp_path, family, truncated_reward
+    tokenizer_dirs, tokenizers, local_data, tmp_path, family, truncated_reward
 ):
     """`bandpo_trl.train.train` hands the trainer rewards that read "So the answer is 12.\\nAnswer: 12" as an answer
     for Qwen2.5 (no thinking) and as a thought cut off at max_completion_length for R1-Distill (prompt opens <think>)."""
-    import bandpo_trl
-    from bandpo_trl.train import make_parser, train
+    from bandpo_trl.arguments import make_parser
+    from bandpo_trl.train import train
 
     built = {}
 
@@ -356,7 +351,6 @@ def test_train_gives_the_trainer_rewards_that_know_the_template(
         built["reward_funcs"] = reward_funcs
         raise _TrainerBuilt
 
-    monkeypatch.setattr(bandpo_trl, "BandGRPOTrainer", fake_trainer)
     args = make_parser().parse_args_and_config(
         args=[
             "--model_name_or_path", str(tokenizer_dirs[family.name]),
@@ -368,7 +362,7 @@ def test_train_gives_the_trainer_rewards_that_know_the_template(
         ]
     )  # fmt: skip
     with pytest.raises(_TrainerBuilt):
-        train(*args)
+        train(*args, trainer_cls=fake_trainer)
     [reward] = built["reward_funcs"]
     assert reward.__name__ == "math_accuracy_reward"
     completion = trl_completion(tokenizers[family.name], "So the answer is 12.\nAnswer: 12")

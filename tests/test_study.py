@@ -1,4 +1,4 @@
-"""The study of issue 11 (`benchmarks/study.py`, `benchmarks/study_tasks.py`): its tasks, statistics and pipeline."""
+"""The study of where Band helps (`benchmarks/study.py`, `benchmarks/study_tasks.py`): its tasks, statistics and pipeline."""
 
 from __future__ import annotations
 
@@ -7,16 +7,12 @@ import itertools
 import json
 import math
 import statistics
-import sys
 from collections import Counter
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
-
-import study  # noqa: E402
-import study_tasks as tasks  # noqa: E402
+from benchmarks import study
+from benchmarks import study_tasks as tasks
 
 # ------------------------------------------------------------------------------------------------- statistics
 

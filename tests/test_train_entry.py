@@ -10,8 +10,9 @@ import sys
 import pytest
 from datasets import Dataset
 
+from bandpo_trl.data import drop_long_prompts
 from bandpo_trl.tiny import build_tiny_tokenizer
-from bandpo_trl.train import drop_long_prompts, main
+from bandpo_trl.train import main
 
 RECIPE = os.path.join(os.path.dirname(__file__), os.pardir, "recipes", "tiny", "bandpo", "config_kl.yaml")
 
@@ -86,7 +87,8 @@ def test_tiny_recipe_trains_through_the_entry_point(tmp_path):
 
 
 def test_model_init_kwargs_are_built_like_trls_grpo_script(tmp_path):
-    from bandpo_trl.train import make_parser, model_init_kwargs
+    from bandpo_trl.arguments import make_parser
+    from bandpo_trl.models import model_init_kwargs
 
     argv = ["--output_dir", str(tmp_path), "--use_cpu", "true", "--model_name_or_path", "org/model"]
     argv += ["--dtype", "bfloat16", "--attn_implementation", "sdpa", "--model_revision", "v2"]

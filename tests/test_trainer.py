@@ -154,7 +154,7 @@ def test_plain_grpo_config_gets_band_defaults(tiny_model_dir, tiny_train_dataset
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Band: the loss is BANDPO.md section 3's formula
+# Band: the loss is the formula of docs/method.md §5.1
 # ---------------------------------------------------------------------------------------------------------------
 
 
@@ -214,9 +214,7 @@ def test_band_loss_matches_formula(dual_clip, tiny_model_dir, tiny_train_dataset
 
 def test_band_gradient_zero_exactly_where_clipped(tiny_model_dir, tiny_train_dataset, tmp_path):
     """Only unclipped tokens carry gradient: the gradient equals that of -A r summed over in-band tokens."""
-    trainer = build(
-        BandGRPOTrainer, BandGRPOConfig, tiny_model_dir, tiny_train_dataset, tmp_path, loss_type="bnpo"
-    )
+    trainer = build(BandGRPOTrainer, BandGRPOConfig, tiny_model_dir, tiny_train_dataset, tmp_path, loss_type="bnpo")
     batch = make_batch(trainer.model.config.vocab_size, seed=2)
     _, grads, _ = loss_grads_metrics(trainer, batch)
 
@@ -290,9 +288,7 @@ def test_relax_is_union_with_clip_higher(tiny_model_dir, tiny_train_dataset, tmp
 
 
 def test_dcpo_rule_uses_dcpo_bounds(tiny_model_dir, tiny_train_dataset, tmp_path):
-    trainer = build(
-        BandGRPOTrainer, BandGRPOConfig, tiny_model_dir, tiny_train_dataset, tmp_path, clip_rule="dcpo"
-    )
+    trainer = build(BandGRPOTrainer, BandGRPOConfig, tiny_model_dir, tiny_train_dataset, tmp_path, clip_rule="dcpo")
     p = torch.tensor([0.9, 0.3, 0.05, 0.001])
     lower, upper = trainer.compute_clip_bounds(p.log(), {})
     expected_lower = 0.5 + 0.5 * torch.sqrt((1 - 4 * 0.16 / p).clamp(min=0))
@@ -354,7 +350,7 @@ def test_on_policy_warning(tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Bounds that violate lower <= 1 <= upper (issue 12): refused on the first micro-batch, then counted and warned about
+# Bounds that violate lower <= 1 <= upper: refused on the first micro-batch, then counted and warned about
 # ---------------------------------------------------------------------------------------------------------------
 
 

@@ -14,10 +14,17 @@ import pytest
 from datasets import Dataset
 
 from bandpo_trl import BandGRPOConfig
+from bandpo_trl.arguments import ScriptArguments, make_parser
 from bandpo_trl.checkpoints import latest_complete_checkpoint, resolve_resume_checkpoint
-from bandpo_trl.data import check_no_empty_prompts, load_named_dataset, math_prompt
+from bandpo_trl.data import (
+    check_enough_prompts,
+    check_no_empty_prompts,
+    drop_long_prompts,
+    load_named_dataset,
+    math_prompt,
+)
 from bandpo_trl.tiny import build_tiny_tokenizer
-from bandpo_trl.train import ScriptArguments, check_enough_prompts, drop_long_prompts, main, make_parser
+from bandpo_trl.train import main
 
 BIN = Path(sys.executable).parent
 ENV = dict(

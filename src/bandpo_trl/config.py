@@ -8,10 +8,11 @@ from dataclasses import dataclass, field, fields
 import torch
 from trl import GRPOConfig
 
-from .band import _check_max_ratio, _check_positive, available_divergences, resolve_divergence
+from .band import check_max_ratio
 from .clip_metrics import invalid_bounds
 from .clip_rules import ClipRule, available_clip_rules, get_clip_rule
-from .utils import is_import_path
+from .divergences import available_divergences, resolve_divergence
+from .utils import check_positive, is_import_path
 
 # TRL loss types whose surrogate is the PPO ratio clip `clamp(r, 1 - eps_low, 1 + eps_high)`.
 RATIO_CLIP_LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "luspo")
@@ -220,8 +221,8 @@ def validate_band_options(args) -> None:
             f"{', '.join(available_divergences())}); as an import path: {error}"
         ) from error
     for name in ("band_delta", "dcpo_epsilon_low", "dcpo_epsilon_high"):
-        _check_positive(name, band_option(args, name))
-    _check_max_ratio(band_option(args, "band_max_ratio"), "band_max_ratio")
+        check_positive(name, band_option(args, name))
+    check_max_ratio(band_option(args, "band_max_ratio"), "band_max_ratio")
     warn_on_unread_options(args, rule)
     check_clip_rule(rule, args)
     if rule.trl_clip:
@@ -299,7 +300,7 @@ def computes_old_logps(args) -> bool:
 
 def warn_on_mid_batch_checkpoints(args) -> None:
     """Warn when checkpoints fall inside a generation batch: a run resumed there draws a fresh batch for the
-    remaining steps and no longer matches the uninterrupted run."""
+    remaining steps and does not match the uninterrupted run."""
     strategy = getattr(args.save_strategy, "value", args.save_strategy)
     save_steps = args.save_steps
     if strategy != "steps" or not save_steps or save_steps < 1 or save_steps != int(save_steps):

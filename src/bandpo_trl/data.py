@@ -9,7 +9,9 @@ Every dataset, whatever its source layout, comes out with the same three columns
 - `problem_id`: a stable string id, `"<dataset name>/<source id or content hash>"`.
 
 Each source has a pure per-row mapping function (`map_<source>_row`), tested on inline rows with the real column
-layout, so the Hub is only needed to fetch the real data.
+layout, so the Hub is only needed to fetch the real data. A run's training set is the named datasets concatenated
+(`load_train_dataset`), less the prompts over `max_prompt_length` tokens (`drop_long_prompts`), and must fill one
+generation batch (`check_enough_prompts`); a benchmark's problems come from `load_eval_dataset`.
 
 Example:
 ```python
@@ -24,15 +26,23 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from datasets import Dataset, load_dataset
+from datasets import Dataset, concatenate_datasets, load_dataset
 
 from .arithmetic import ARITHMETIC_DATASETS, generate_arithmetic
 from .rewards import last_boxed_content
+
+if TYPE_CHECKING:
+    from .arguments import ScriptArguments
+    from .config import BandGRPOConfig
+
+logger = logging.getLogger(__name__)
 
 # The instruction of the paper's training data (DAPO-Math-17k ships its problems wrapped in exactly this text).
 MATH_PROMPT_TEMPLATE = (
@@ -189,7 +199,7 @@ class DatasetSource:
 
 
 DATASET_SOURCES: dict[str, DatasetSource] = {
-    # Training sets (BANDPO.md section 5). The English, deduplicated DAPO-Math-17k.
+    # Training sets (docs/method.md §7.3). The English, deduplicated DAPO-Math-17k.
     "dapo_math_17k": DatasetSource("open-r1/DAPO-Math-17k-Processed", "en", "train", map_dapo_math_17k_row),
     "math_l3_5": DatasetSource(
         "DigitalLearningGmbH/MATH-lighteval", "default", "train", map_math_row, is_math_train_row
@@ -203,6 +213,9 @@ DATASET_SOURCES: dict[str, DatasetSource] = {
 }
 TRAIN_DATASETS = ("dapo_math_17k", "math_l3_5", "gsm8k", "toy_arithmetic", *ARITHMETIC_DATASETS)
 EVAL_DATASETS = ("aime24", "aime25", "amc23", "math500", "toy_arithmetic", *ARITHMETIC_DATASETS)
+# The split each benchmark is evaluated on, when it is not the dataset's default. The toy task draws from a stream of
+# problems independent of the training one; the arithmetic levels are evaluated on their held-out problems.
+EVAL_SPLITS = {"toy_arithmetic": "test", **dict.fromkeys(ARITHMETIC_DATASETS, "test")}
 
 
 def available_datasets() -> list[str]:
@@ -256,6 +269,12 @@ def load_named_dataset(
     dataset = dataset.map(source.map_row, remove_columns=dataset.column_names)
     check_no_empty_prompts(dataset, name)
     return dataset
+
+
+def load_eval_dataset(name: str, num_problems: int | None = None, seed: int = 0) -> Dataset:
+    """The problems of benchmark `name` (its evaluation split, `EVAL_SPLITS`): all of them, or a random subset of
+    `num_problems` drawn with `seed` (the toy task generates that many)."""
+    return load_named_dataset(name, split=EVAL_SPLITS.get(name), num_samples=num_problems, seed=seed)
 
 
 DATA_FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
@@ -333,4 +352,74 @@ def check_no_empty_prompts(dataset: Dataset, name: str = "dataset") -> None:
             f"{name}: {len(empty)} of {len(dataset)} rows have an empty prompt (rows {shown}"
             + (f"; problem ids {', '.join(ids)}" if ids else "")
             + "). Remove them from the data before training."
+        )
+
+
+# ------------------------------------------------------------------------------------------------- the training set
+
+
+def load_train_dataset(script_args: ScriptArguments, seed: int) -> Dataset:
+    """The named training datasets, mapped to (prompt, answer, problem_id), concatenated and shuffled."""
+    paths = parse_dataset_paths(script_args.dataset_paths)
+    parts = [
+        load_named_dataset(
+            name,
+            split=script_args.dataset_split,
+            num_samples=script_args.dataset_num_samples,
+            seed=seed,
+            path=paths.get(name),
+        )
+        for name in script_args.dataset_names
+    ]
+    dataset = parts[0] if len(parts) == 1 else concatenate_datasets(parts)
+    return dataset.shuffle(seed=seed)
+
+
+def prompt_lengths(dataset: Dataset, tokenizer) -> list[int]:
+    """Each row's prompt length in tokens, as the trainer will tokenize it (chat template applied)."""
+
+    def length(prompt) -> int:
+        if isinstance(prompt, str):
+            return len(tokenizer(prompt)["input_ids"])
+        return len(tokenizer.apply_chat_template(prompt, add_generation_prompt=True, tokenize=True, return_dict=False))
+
+    return [length(prompt) for prompt in dataset["prompt"]]
+
+
+def drop_long_prompts(dataset: Dataset, tokenizer, max_prompt_length: int | None) -> Dataset:
+    """Remove rows whose prompt, as the trainer will tokenize it, exceeds `max_prompt_length` tokens.
+
+    Raises:
+        ValueError: every prompt is longer than `max_prompt_length` (the message gives the shortest length).
+    """
+    if max_prompt_length is None:
+        return dataset
+    lengths = prompt_lengths(dataset, tokenizer)
+    kept = dataset.select([i for i, n in enumerate(lengths) if n <= max_prompt_length])
+    if len(dataset) and not len(kept):
+        raise ValueError(
+            f"No training prompts left: all {len(dataset)} loaded prompts are longer than max_prompt_length="
+            f"{max_prompt_length} tokens (the shortest has {min(lengths)}). Raise max_prompt_length."
+        )
+    if len(kept) < len(dataset):
+        logger.warning(
+            "Dropped %d of %d prompts longer than %d tokens.",
+            len(dataset) - len(kept),
+            len(dataset),
+            max_prompt_length,
+        )
+    return kept
+
+
+def check_enough_prompts(dataset: Dataset, training_args: BandGRPOConfig) -> None:
+    """Refuse a training set smaller than one generation batch: TRL's sampler would yield no batch at all and the
+    run would "train" 0 steps and save the untouched model."""
+    needed = training_args.generation_batch_size // training_args.num_generations
+    if len(dataset) < needed:
+        raise ValueError(
+            f"The training set has {len(dataset)} prompts, fewer than one generation batch needs: "
+            f"per_device_train_batch_size ({training_args.per_device_train_batch_size}) x processes "
+            f"({training_args.world_size}) x steps_per_generation ({training_args.steps_per_generation}) = "
+            f"{training_args.generation_batch_size} completions / num_generations ({training_args.num_generations}) "
+            f"= {needed} distinct prompts. Use more data (dataset_num_samples, max_prompt_length) or a smaller batch."
         )

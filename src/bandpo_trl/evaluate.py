@@ -1,11 +1,11 @@
-"""`bandpo-eval` / `python -m bandpo_trl.evaluate`: benchmark evaluation (mean@k, pass@k) of a checkpoint.
+"""`python -m bandpo_trl.evaluate`: an alias of `bandpo-eval` (`python -m bandpo_trl.evaluation`), kept for scripts
+written against it.
 
-The code lives in the [`bandpo_trl.evaluation`] package (one module per job: arguments, scoring, generation, loading,
-runner, callback); this module re-exports its public names, so that `from bandpo_trl.evaluate import ...`, the
-`bandpo-eval` console script (`bandpo_trl.evaluate:main`) and `python -m bandpo_trl.evaluate` keep working.
+The code lives in the [`bandpo_trl.evaluation`] package (its command line in `bandpo_trl.evaluation.cli`); this
+module re-exports its public names, so that `from bandpo_trl.evaluate import ...` and `python -m bandpo_trl.evaluate`
+keep working.
 
 ```bash
-bandpo-eval --model outputs/qwen-bandpo --benchmarks aime24 aime25 amc23 --k 32 --max_new_tokens 4096
 python -m bandpo_trl.evaluate --model Qwen/Qwen2.5-3B-Instruct --adapter outputs/qwen-lora --benchmarks math500
 ```
 """

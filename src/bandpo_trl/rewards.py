@@ -40,6 +40,8 @@ _ANSWER_LINE = re.compile(r"answer\s*:\**\s*(.*)", re.IGNORECASE)
 _BOXED = re.compile(r"\\(?:boxed|fbox)\s*")
 _TOY_ANSWER = re.compile(r"-?\d+")
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+# What a chat template that opens a thought ends its generation prompt with (DeepSeek-R1-Distill: `<think>\n`).
+OPEN_THOUGHT = f"{THINK_OPEN}\n"
 
 # How the extracted answer and the gold answer are read: LaTeX first (we wrap them in `$...$`), then a plain
 # expression such as `1/2` or `3.5`.
@@ -108,6 +110,14 @@ def opens_think_block(tokenizer) -> bool:
     return isinstance(prompt, str) and prompt.rstrip().endswith(THINK_OPEN)
 
 
+def open_thought_prefix(tokenizer, prompt) -> str:
+    """What a completion of `prompt` continues without writing it: `"<think>\\n"` (`OPEN_THOUGHT`) when `prompt` is
+    conversational and the tokenizer's chat template opens a thought in the generation prompt (`opens_think_block`),
+    else `""` (a plain-text prompt gets no template). Training's rewards (`in_open_think`) and evaluation score
+    prefix + completion, so a thought cut off at the length limit has no final answer."""
+    return OPEN_THOUGHT if not isinstance(prompt, str) and opens_think_block(tokenizer) else ""
+
+
 def in_open_think(func: Callable[..., list[float]]) -> Callable[..., list[float]]:
     """`func` scoring completions that start inside a `<think>` block opened by the prompt: each is scored as
     `<think>\\n` + its text, so the reward sees where the thought ends, and a thought never closed (a completion
@@ -115,7 +125,7 @@ def in_open_think(func: Callable[..., list[float]]) -> Callable[..., list[float]
 
     @functools.wraps(func)
     def scored_after_the_opener(completions: list, **kwargs) -> list[float]:
-        return func([f"{THINK_OPEN}\n{completion_text(c)}" for c in completions], **kwargs)
+        return func([OPEN_THOUGHT + completion_text(c) for c in completions], **kwargs)
 
     return scored_after_the_opener
 
@@ -217,17 +227,31 @@ def format_reward(completions: list, **kwargs) -> list[float]:
     return rewards
 
 
+def toy_extract_answer(text: str) -> str | None:
+    """The toy task's answer: the stripped completion when it is an integer, else `None`.
+
+    >>> toy_extract_answer(" 47\\n"), toy_extract_answer("47 apples")
+    ('47', None)
+    """
+    text = text.strip()
+    return text if _TOY_ANSWER.fullmatch(text) else None
+
+
+def toy_is_correct(text: str, gold: str) -> bool:
+    """Whether a toy completion, stripped, is exactly the gold integer: the check of `toy_accuracy_reward`."""
+    answer = toy_extract_answer(text)
+    return answer is not None and int(answer) == int(gold)
+
+
 def toy_accuracy_reward(completions: list, answer: list[str], **kwargs) -> list[float]:
     """1.0 if a toy completion, stripped, is exactly the gold integer, else 0.0.
 
     >>> toy_accuracy_reward(["47", " 47\\n", "48", "47 1", ""], answer=["47"] * 5)
     [1.0, 1.0, 0.0, 0.0, 0.0]
     """
-    rewards = []
-    for c, gold in zip(completions, answer, strict=True):
-        text = completion_text(c).strip()
-        rewards.append(1.0 if _TOY_ANSWER.fullmatch(text) and int(text) == int(gold) else 0.0)
-    return rewards
+    return [
+        1.0 if toy_is_correct(completion_text(c), gold) else 0.0 for c, gold in zip(completions, answer, strict=True)
+    ]
 
 
 REWARD_FUNCS: dict[str, Callable[..., list[float]]] = {

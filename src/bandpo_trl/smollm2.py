@@ -166,7 +166,7 @@ def smollm2_checkpoint(cache: str | os.PathLike | None = None, gguf_path: str | 
     return str(target)
 
 
-def resolve_model_name(name: str) -> str:
+def resolve_smollm2_name(name: str) -> str:
     """`"smollm2-135m-instruct"` -> the converted checkpoint's directory (see `smollm2_checkpoint`); any other
     model id or path unchanged."""
     return smollm2_checkpoint() if name == SMOLLM2_MODEL_NAME else name

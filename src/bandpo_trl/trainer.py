@@ -137,7 +137,7 @@ class BandGRPOTrainer(GRPOTrainer):
             self.epsilon_low, self.epsilon_high = scalar_epsilons
             self._capture_logps = False
         current_logps, self._current_logps = self._current_logps, None
-        self._log_band_metrics(inputs, old_per_token_logps, current_logps, lower, upper)
+        self.log_clip_metrics(inputs, old_per_token_logps, current_logps, lower, upper)
         return loss
 
     def _get_per_token_logps_and_entropies(self, *args, **kwargs):
@@ -167,7 +167,7 @@ class BandGRPOTrainer(GRPOTrainer):
         """On the first micro-batch with old log-probs: raise if any completion token gets an interval that excludes 1.
 
         One reduction and one host transfer, once per trainer; later micro-batches are only counted in
-        `band/invalid_bounds` by `_log_band_metrics`, which already synchronises once per step.
+        `band/invalid_bounds` by `log_clip_metrics`, which already synchronises once per step.
         """
         self._bounds_checked = True
         mask = self._token_mask(inputs)
@@ -209,7 +209,11 @@ class BandGRPOTrainer(GRPOTrainer):
         return band_metrics(totals)
 
     @torch.no_grad()
-    def _log_band_metrics(self, inputs, old_logps, logps, lower, upper) -> None:
+    def log_clip_metrics(self, inputs, old_logps, logps, lower, upper) -> None:
+        """Log the clip metrics of one micro-batch (`inputs`: its `completion_mask`, optional `tool_mask` and
+        `advantages`; the (B, T) old and current log-probs; the bounds applied, floats or tensors): the sums of
+        `clip_metric_sums`, reduced across processes in one reduction, become `clip_metrics_from_sums`'s values in
+        `self._metrics`. Called by the loss for every micro-batch with old log-probs."""
         lower, upper = token_bounds(lower, old_logps), token_bounds(upper, old_logps)
         sums = self.clip_metric_sums(old_logps, logps, lower, upper, inputs["advantages"], self._token_mask(inputs))
         # One reduction and one host transfer for all of them.

@@ -1,14 +1,15 @@
-"""Small helpers shared by the configuration and the training entry point."""
+"""Small helpers shared by the library's modules: import paths and the check of a positive number."""
 
 from __future__ import annotations
 
 import importlib
+import math
 import os
 import sys
 from types import ModuleType
 from typing import Any
 
-__all__ = ["import_module", "import_object", "is_import_path"]
+__all__ = ["check_positive", "import_module", "import_object", "is_import_path"]
 
 
 def is_import_path(name) -> bool:
@@ -78,3 +79,18 @@ def import_module(module_name: str, path: str | None = None) -> ModuleType:
         raise ValueError(
             f"{prefix}module {module_name!r} not found (looked in the current directory {cwd} and on sys.path)"
         ) from error
+
+
+def check_positive(name: str, value) -> float:
+    """``value`` as a float; raise ``ValueError`` naming ``name`` unless it is a finite number > 0 (a bool is not).
+
+    Example:
+        >>> check_positive("band_delta", 0.05)
+        0.05
+        >>> check_positive("band_delta", 0)
+        Traceback (most recent call last):
+        ValueError: band_delta must be a finite number > 0, got 0
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)

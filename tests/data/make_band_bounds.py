@@ -3,7 +3,7 @@
 For an f-divergence with generator f, the Band interval of a token with old probability p is the set of ratios r
 in [0, 1/p] with
 
-    g(p, r) = p f(r) + (1 - p) f((1 - p r) / (1 - p)) <= delta            (BANDPO.md section 2)
+    g(p, r) = p f(r) + (1 - p) f((1 - p r) / (1 - p)) <= delta            (docs/method.md §2.1)
 
 g(p, .) is convex with minimum 0 at r = 1, so the interval is [l, u]: u = 1/p if g(p, 1/p) <= delta (upper
 saturation), else the root of g = delta in (1, 1/p); l = 0 if g(p, 0) <= delta (lower saturation), else the root in
@@ -38,7 +38,7 @@ DEFAULT_OUT = Path(__file__).resolve().parent / "band_bounds.csv"
 
 
 def f(name: str, u):
-    """The generator f of each built-in divergence (BANDPO.md section 2), with its value at u = 0."""
+    """The generator f of each built-in divergence (docs/method.md §2.3), with its value at u = 0."""
     u = mpmath.mpf(u)
     if name == "kl":
         return mpmath.inf if u == 0 else u - 1 - mpmath.log(u)

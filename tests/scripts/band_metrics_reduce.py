@@ -1,4 +1,4 @@
-"""Band metrics of a fixed batch, computed by `BandGRPOTrainer._log_band_metrics` on one or several processes.
+"""Band metrics of a fixed batch, computed by `BandGRPOTrainer.log_clip_metrics` on one or several processes.
 
 Under torchrun each rank takes its contiguous share of the rows (as TRL splits a batch across processes) and the
 trainer reduces the sums across ranks; run alone, one process sees every row. Writes `<output_dir>/metrics.json`
@@ -29,7 +29,10 @@ def make_batch(seed: int) -> dict:
     new = old + 0.4 * torch.randn(ROWS, COLUMNS, generator=g)
     advantages = torch.randn(ROWS, generator=g)
     lengths = torch.cat(
-        [torch.randint(8, COLUMNS + 1, (ROWS // 2,), generator=g), torch.randint(1, 5, (ROWS - ROWS // 2,), generator=g)]
+        [
+            torch.randint(8, COLUMNS + 1, (ROWS // 2,), generator=g),
+            torch.randint(1, 5, (ROWS - ROWS // 2,), generator=g),
+        ]
     )
     mask = (torch.arange(COLUMNS).unsqueeze(0) < lengths.unsqueeze(1)).long()
     return {"old": old, "new": new, "advantages": advantages, "completion_mask": mask}
@@ -44,7 +47,7 @@ def band_metrics(trainer, batches: list[dict]) -> dict:
     for batch in batches:
         inputs = {"completion_mask": batch["completion_mask"], "advantages": batch["advantages"]}
         lower, upper = trainer.compute_clip_bounds(batch["old"], inputs)
-        trainer._log_band_metrics(inputs, batch["old"], batch["new"], lower, upper)
+        trainer.log_clip_metrics(inputs, batch["old"], batch["new"], lower, upper)
     return {k: list(v) for k, v in trainer._metrics["train"].items()}
 
 
@@ -52,7 +55,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", required=True)
     parser.add_argument("--output_dir", required=True)
-    parser.add_argument("--shards", type=int, default=2, help="shares of the batch (the world size of the parallel run)")
+    parser.add_argument(
+        "--shards", type=int, default=2, help="shares of the batch (the world size of the parallel run)"
+    )
     args = parser.parse_args(argv)
 
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
@@ -76,16 +81,23 @@ def main(argv=None):
             ddp_backend="gloo" if world_size > 1 else None,
             **options,
         )
-        trainer = BandGRPOTrainer(model=args.model, reward_funcs=lambda completions, **kw: [0.0] * len(completions),
-                                  args=config, train_dataset=dataset)
+        trainer = BandGRPOTrainer(
+            model=args.model,
+            reward_funcs=lambda completions, **kw: [0.0] * len(completions),
+            args=config,
+            train_dataset=dataset,
+        )
         trainer.model.train()
         rank, size = trainer.accelerator.process_index, trainer.accelerator.num_processes
         share = ROWS // size
-        results[rule] = {"reduced": band_metrics(trainer, [rows(b, rank * share, (rank + 1) * share) for b in batches])}
+        results[rule] = {
+            "reduced": band_metrics(trainer, [rows(b, rank * share, (rank + 1) * share) for b in batches])
+        }
         if size == 1:  # each share on its own, as the ranks of the parallel run see them before the reduction
             share = ROWS // args.shards
             results[rule]["shards"] = [
-                band_metrics(trainer, [rows(b, i * share, (i + 1) * share) for b in batches]) for i in range(args.shards)
+                band_metrics(trainer, [rows(b, i * share, (i + 1) * share) for b in batches])
+                for i in range(args.shards)
             ]
         results[rule]["world_size"] = size
     if int(os.environ.get("RANK", "0")) == 0:

@@ -12,7 +12,6 @@ import json
 import os
 import sys
 
-import torch
 import yaml
 from datasets import Dataset
 
@@ -29,19 +28,17 @@ class RecordingTrainer(BandGRPOTrainer):
 
     local_band_sums: list[dict]
 
-    def _log_band_metrics(self, inputs, old_logps, logps, lower, upper):
-        mask = inputs["completion_mask"].float()
-        lower_t = torch.as_tensor(lower, dtype=old_logps.dtype).expand_as(old_logps)
-        upper_t = torch.as_tensor(upper, dtype=old_logps.dtype).expand_as(old_logps)
+    def clip_metric_sums(self, old_logps, logps, lower, upper, advantages, mask):
+        sums = super().clip_metric_sums(old_logps, logps, lower, upper, advantages, mask)
         self.local_band_sums.append(
             {
                 "step": self.state.global_step + 1,  # the optimizer step this micro-batch belongs to
-                "tokens": mask.sum().item(),
-                "lower": (lower_t * mask).sum().item(),
-                "upper": (upper_t * mask).sum().item(),
+                "tokens": sums["tokens"].item(),
+                "lower": sums["lower"].item(),
+                "upper": sums["upper"].item(),
             }
         )
-        return super()._log_band_metrics(inputs, old_logps, logps, lower, upper)
+        return sums
 
 
 def deepspeed_config_from_accelerate(ds: dict) -> dict:

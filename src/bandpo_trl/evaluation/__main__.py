@@ -1,6 +1,6 @@
-"""`python -m bandpo_trl.evaluation`: the same command as `bandpo-eval` / `python -m bandpo_trl.evaluate`."""
+"""`python -m bandpo_trl.evaluation`: the `bandpo-eval` command."""
 
-from .runner import main
+from .cli import main
 
 if __name__ == "__main__":
     main()

@@ -1,47 +1,32 @@
-"""The arguments of `bandpo-eval` ([`EvalArguments`]) and the benchmark constants shared by the evaluation modules."""
+"""The arguments of `bandpo-eval`: [`EvalArguments`]."""
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass, field
-from typing import Any
 
-from ..arithmetic import ARITHMETIC_DATASETS
+from .generation import BACKENDS, parse_chat_template_kwargs
+from .sampling import SamplingSettings
 
 logger = logging.getLogger(__name__)
 
+# The benchmarks the paper reports, evaluated by default.
 PAPER_BENCHMARKS = ("aime24", "aime25", "amc23")
-BACKENDS = ("auto", "vllm", "transformers")
-# The split each benchmark is evaluated on, when it is not the dataset's default. The toy task draws from a stream of
-# problems independent of the training one; the arithmetic levels are evaluated on their held-out problems.
-EVAL_SPLITS = {"toy_arithmetic": "test", **dict.fromkeys(ARITHMETIC_DATASETS, "test")}
-
-
-def parse_chat_template_kwargs(value: dict[str, Any] | str | None) -> dict[str, Any]:
-    """`chat_template_kwargs` as a dict: `None` is `{}`, a string is parsed as JSON (what the command line and TRL's
-    `GRPOConfig` accept), and anything but a JSON object is refused."""
-    if value is None:
-        return {}
-    if isinstance(value, str):
-        try:
-            value = json.loads(value) if value.strip() else {}
-        except json.JSONDecodeError as error:
-            raise ValueError(f"`chat_template_kwargs` must be a JSON object, got {value!r} ({error})") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"`chat_template_kwargs` must be a mapping (JSON object), got {type(value).__name__}")
-    return dict(value)
+# The sampling defaults are those of `SamplingSettings`, the paper's evaluation.
+_SAMPLING = SamplingSettings()
 
 
 @dataclass
 class EvalArguments:
     r"""
-    Arguments of `bandpo-eval` / `python -m bandpo_trl.evaluate`. Every field is a command-line flag (`--k 32`), and
-    `--config file.yaml` reads them from a YAML file (command-line flags override it).
+    Arguments of `bandpo-eval` / `python -m bandpo_trl.evaluation`. Every field is a command-line flag (`--k 32`), and
+    `--config file.yaml` reads them from a YAML file (command-line flags override it). The sampling flags
+    (`temperature`, `top_p`, `top_k`, `max_new_tokens`, `seed`) default to [`SamplingSettings`]'s and make up
+    [`sampling`].
 
     Example:
     ```python
-    from bandpo_trl.evaluate import EvalArguments, run_evaluation
+    from bandpo_trl.evaluation import EvalArguments, run_evaluation
 
     summary = run_evaluation(EvalArguments(model="outputs/qwen-bandpo", benchmarks=["aime24"], k=32))
     print(summary["results"]["aime24"]["mean@32"])
@@ -82,19 +67,19 @@ class EvalArguments:
         },
     )
     temperature: float = field(
-        default=1.0,
+        default=_SAMPLING.temperature,
         metadata={"help": "Sampling temperature (the paper's 1.0). 0 means greedy decoding."},
     )
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling top-p (the paper's 1.0)."})
+    top_p: float = field(default=_SAMPLING.top_p, metadata={"help": "Nucleus sampling top-p (the paper's 1.0)."})
     top_k: int = field(
-        default=0,
+        default=_SAMPLING.top_k,
         metadata={
             "help": "Top-k sampling; 0 disables it. The model's own generation_config.json sampling settings "
             "(top_k, top_p, temperature, repetition_penalty, ...) are always overridden by these flags."
         },
     )
     max_new_tokens: int = field(
-        default=4096,
+        default=_SAMPLING.max_new_tokens,
         metadata={"help": "Maximum completion length in tokens (the paper's 4096). Longer completions are cut."},
     )
     batch_size: int = field(
@@ -105,7 +90,9 @@ class EvalArguments:
             "The samples are reproducible for a given seed and batch size."
         },
     )
-    seed: int = field(default=0, metadata={"help": "Random seed of the sampling (and of problem subsampling)."})
+    seed: int = field(
+        default=_SAMPLING.seed, metadata={"help": "Random seed of the sampling (and of problem subsampling)."}
+    )
     num_problems: int | None = field(
         default=None,
         metadata={"help": "Evaluate at most this many problems per benchmark (for quick runs). Default: all."},
@@ -189,18 +176,24 @@ class EvalArguments:
         for j in self.pass_k:
             if not 1 <= j <= self.k:
                 raise ValueError(f"every `pass_k` value must be in [1, k={self.k}] (pass@k needs k <= n), got {j}")
-        if self.temperature < 0:
-            raise ValueError(f"`temperature` must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"`top_p` must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise ValueError(f"`top_k` must be >= 0 (0 disables it), got {self.top_k}")
-        if self.max_new_tokens < 1 or self.batch_size < 1:
-            raise ValueError("`max_new_tokens` and `batch_size` must be >= 1")
+        sampling = self.sampling  # checks the sampling flags
+        if self.batch_size < 1:
+            raise ValueError(f"`batch_size` must be >= 1, got {self.batch_size}")
         if self.num_problems is not None and self.num_problems < 1:
             raise ValueError(f"`num_problems` must be >= 1, got {self.num_problems}")
         self.chat_template_kwargs = parse_chat_template_kwargs(self.chat_template_kwargs)
         if self.backend not in BACKENDS:
             raise ValueError(f"`backend` must be one of {BACKENDS}, got {self.backend!r}")
-        if self.temperature == 0 and self.k > 1:
+        if sampling.greedy and self.k > 1:
             logger.warning("temperature=0 is greedy decoding: the %d samples of a problem are identical.", self.k)
+
+    @property
+    def sampling(self) -> SamplingSettings:
+        """The sampling flags as one [`SamplingSettings`] (checked: a bad value raises `ValueError`)."""
+        return SamplingSettings(
+            temperature=self.temperature,
+            top_p=self.top_p,
+            top_k=self.top_k,
+            max_new_tokens=self.max_new_tokens,
+            seed=self.seed,
+        )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import time
@@ -16,12 +15,27 @@ from accelerate.utils import extract_model_from_parallel, gather_object
 from transformers import TrainerCallback
 from trl.models import unwrap_model_for_generation
 
-from .arguments import EVAL_SPLITS, parse_chat_template_kwargs
-from .generation import Completion, TransformersGenerator, VLLMClientGenerator, VLLMGenerator
-from .runner import _write_jsonl, evaluate_benchmark
+from ..data import load_eval_dataset
+from .generation import (
+    Completion,
+    TransformersGenerator,
+    VLLMClientGenerator,
+    VLLMGenerator,
+    parse_chat_template_kwargs,
+)
+from .results import write_json, write_jsonl
+from .runner import evaluate_benchmark
+from .sampling import SamplingSettings
 from .scoring import summarize_benchmark
 
 logger = logging.getLogger(__name__)
+
+# The in-training evaluation is a periodic check of the policy, not the final report of `bandpo-eval` (32 samples of
+# up to 4096 tokens on every problem): by default fewer samples, a fixed subset of problems and shorter completions.
+# `bandpo-train` (`eval_k`, `eval_num_problems`) uses the same defaults, with its own max_completion_length.
+IN_TRAINING_K = 4
+IN_TRAINING_NUM_PROBLEMS = 32
+IN_TRAINING_MAX_NEW_TOKENS = 512
 
 
 def merge_shards(pairs: Sequence[tuple[int, Any]]) -> list[Any]:
@@ -127,12 +141,13 @@ class BenchmarkEvalCallback(TrainerCallback):
     Args:
         benchmarks (`Sequence[str]`): dataset names (e.g. `["aime24", "amc23"]`).
         every_n_steps (`int`): evaluate when `global_step % every_n_steps == 0`; `<= 0` disables the callback.
-        k (`int`): samples per problem.
-        max_new_tokens (`int`): completion length cap.
-        num_problems (`int`, *optional*): problems per benchmark (a fixed subset, the same at every evaluation).
-        temperature, top_p, top_k: sampling settings.
+        k (`int`): samples per problem (default 4).
+        num_problems (`int`, *optional*): problems per benchmark, a fixed subset drawn with `sampling.seed`, the same
+            at every evaluation (default 32; `None`: all).
+        sampling ([`SamplingSettings`], *optional*): how to sample. Default: `SamplingSettings(max_new_tokens=512)`,
+            the paper's sampling with shorter completions. Its `seed` seeds every evaluation alike, so curves compare
+            like with like.
         batch_size (`int`): sequences per `generate` call.
-        seed (`int`): sampling seed (the same at every evaluation, so curves compare like with like).
         pass_k (`Sequence[int]`, *optional*): k values of pass@k to log (default: `k`).
         output_dir (`str`, *optional*): where to write per-step results
             (`<output_dir>/step-<N>/<benchmark>.jsonl`). Default: `<trainer output_dir>/benchmark_eval`.
@@ -148,9 +163,11 @@ class BenchmarkEvalCallback(TrainerCallback):
 
     Example:
     ```python
-    from bandpo_trl.evaluate import BenchmarkEvalCallback
+    from bandpo_trl.evaluation import BenchmarkEvalCallback, SamplingSettings
 
-    callback = BenchmarkEvalCallback(benchmarks=["aime24", "amc23"], every_n_steps=50, k=8, max_new_tokens=2048)
+    callback = BenchmarkEvalCallback(
+        benchmarks=["aime24", "amc23"], every_n_steps=50, k=8, sampling=SamplingSettings(max_new_tokens=2048)
+    )
     trainer = BandGRPOTrainer(..., callbacks=[callback])
     callback.attach(trainer)  # first in line for the reporting integrations; generation as TRL's (vLLM, ZeRO-3)
     ```
@@ -161,14 +178,10 @@ class BenchmarkEvalCallback(TrainerCallback):
         benchmarks: Sequence[str],
         every_n_steps: int,
         *,
-        k: int = 4,
-        max_new_tokens: int = 512,
-        num_problems: int | None = 32,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
+        k: int = IN_TRAINING_K,
+        num_problems: int | None = IN_TRAINING_NUM_PROBLEMS,
+        sampling: SamplingSettings | None = None,
         batch_size: int = 64,
-        seed: int = 0,
         pass_k: Sequence[int] | None = None,
         output_dir: str | None = None,
         save_results: bool = True,
@@ -188,13 +201,9 @@ class BenchmarkEvalCallback(TrainerCallback):
         for j in self.pass_k:
             if not 1 <= j <= self.k:
                 raise ValueError(f"every pass_k value must be in [1, k={self.k}], got {j}")
-        self.max_new_tokens = max_new_tokens
         self.num_problems = num_problems
-        self.temperature = temperature
-        self.top_p = top_p
-        self.top_k = top_k
+        self.sampling = sampling or SamplingSettings(max_new_tokens=IN_TRAINING_MAX_NEW_TOKENS)
         self.batch_size = batch_size
-        self.seed = seed
         self.output_dir = output_dir
         self.save_results = save_results
         self._datasets = dict(datasets or {})
@@ -219,11 +228,7 @@ class BenchmarkEvalCallback(TrainerCallback):
 
     def _dataset(self, name: str):
         if name not in self._datasets:
-            from ..data import load_named_dataset
-
-            self._datasets[name] = load_named_dataset(
-                name, split=EVAL_SPLITS.get(name), num_samples=self.num_problems, seed=self.seed
-            )
+            self._datasets[name] = load_eval_dataset(name, num_problems=self.num_problems, seed=self.sampling.seed)
         dataset = self._datasets[name]
         if self.num_problems is not None and len(dataset) > self.num_problems:
             dataset = dataset.select(range(self.num_problems))
@@ -261,7 +266,7 @@ class BenchmarkEvalCallback(TrainerCallback):
             torch.random.fork_rng(devices=devices),
             self._generator(model, tokenizer, trainer, step, show_progress and rank == 0) as (generator, everyone),
         ):
-            torch.manual_seed(self.seed + rank)
+            torch.manual_seed(self.sampling.seed + rank)
             for name in self.benchmarks:
                 dataset = self._dataset(name)
                 indices = list(range(len(dataset)))
@@ -293,11 +298,9 @@ class BenchmarkEvalCallback(TrainerCallback):
                 for j in self.pass_k:
                     metrics[f"eval/{name}/pass@{j}"] = summary[f"pass@{j}"]
                 if self.save_results and output_dir and state.is_main_process:
-                    os.makedirs(output_dir, exist_ok=True)
-                    _write_jsonl(os.path.join(output_dir, f"{name}.jsonl"), records)
+                    write_jsonl(os.path.join(output_dir, f"{name}.jsonl"), records)
         if self.save_results and output_dir and state.is_main_process:
-            with open(os.path.join(output_dir, "summary.json"), "w", encoding="utf-8") as handle:
-                json.dump({"step": step, "metrics": metrics}, handle, indent=2)
+            write_json(os.path.join(output_dir, "summary.json"), {"step": step, "metrics": metrics})
         self.history.append({"step": step, **metrics})
         return metrics
 
@@ -305,7 +308,6 @@ class BenchmarkEvalCallback(TrainerCallback):
     def _generator(self, model, tokenizer, trainer, step, show_progress) -> Iterator[tuple[Any, bool]]:
         """`(generator, everyone)`: what samples, and whether every process generates its share (else the main
         process generates for all)."""
-        sampling = dict(temperature=self.temperature, top_p=self.top_p, top_k=self.top_k)
         vllm = _TrainerVLLM.find(trainer)
         if vllm is not None:
             vllm.sync_weights(step)
@@ -318,15 +320,10 @@ class BenchmarkEvalCallback(TrainerCallback):
                             "BenchmarkEvalCallback: vllm_mode='server' but the trainer has no vLLM client"
                         )
                     eos = getattr(trainer, "eos_token_ids", None)
-                    generator = VLLMClientGenerator(
-                        client, tokenizer, **sampling, max_new_tokens=self.max_new_tokens, seed=self.seed,
-                        eos_token_ids=eos,
-                    )  # fmt: skip
+                    generator = VLLMClientGenerator(client, tokenizer, self.sampling, eos_token_ids=eos)
                 yield generator, False
                 return
-            generator = VLLMGenerator.from_llm(
-                vllm.source.llm, **sampling, max_new_tokens=self.max_new_tokens, seed=self.seed, show_progress=False
-            )
+            generator = VLLMGenerator.from_llm(vllm.source.llm, self.sampling, show_progress=False)
             tp_size = int(getattr(vllm.source, "tensor_parallel_size", 1) or 1)
             if tp_size > 1:
                 generator = _TensorParallelGroupGenerator(generator, vllm.source.tp_group, tp_size)
@@ -365,8 +362,7 @@ class BenchmarkEvalCallback(TrainerCallback):
                 TransformersGenerator(
                     unwrapped,
                     tokenizer,
-                    **sampling,
-                    max_new_tokens=self.max_new_tokens,
+                    self.sampling,
                     batch_size=self.batch_size,
                     synced_gpus=synced_gpus,
                     show_progress=show_progress,

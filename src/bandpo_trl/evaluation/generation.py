@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -12,9 +14,12 @@ import torch
 from tqdm.auto import tqdm
 from transformers import GenerationConfig
 
-from .arguments import BACKENDS, parse_chat_template_kwargs
+from .sampling import SamplingSettings
 
 logger = logging.getLogger(__name__)
+
+# The generation backends `resolve_backend` accepts: "auto" picks one of the other two.
+BACKENDS = ("auto", "vllm", "transformers")
 
 
 @dataclass
@@ -25,6 +30,21 @@ class Completion:
     text: str
     num_tokens: int
     finished: bool
+
+
+def parse_chat_template_kwargs(value: dict[str, Any] | str | None) -> dict[str, Any]:
+    """`chat_template_kwargs` as a dict: `None` is `{}`, a string is parsed as JSON (what the command line and TRL's
+    `GRPOConfig` accept), and anything but a JSON object is refused."""
+    if value is None:
+        return {}
+    if isinstance(value, str):
+        try:
+            value = json.loads(value) if value.strip() else {}
+        except json.JSONDecodeError as error:
+            raise ValueError(f"`chat_template_kwargs` must be a JSON object, got {value!r} ({error})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"`chat_template_kwargs` must be a mapping (JSON object), got {type(value).__name__}")
+    return dict(value)
 
 
 def is_conversational_prompt(prompt: Any) -> bool:
@@ -83,17 +103,10 @@ def _eos_token_ids(model, tokenizer) -> list[int]:
     return ids
 
 
-def sampling_generation_config(
-    model,
-    tokenizer,
-    *,
-    temperature: float = 1.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    max_new_tokens: int = 4096,
-) -> GenerationConfig:
+def sampling_generation_config(model, tokenizer, sampling: SamplingSettings | None = None) -> GenerationConfig:
     """
-    The `GenerationConfig` of evaluation sampling: plain temperature / top-p / top-k sampling.
+    The `GenerationConfig` of evaluation sampling: plain temperature / top-p / top-k sampling with `sampling`
+    (default: `SamplingSettings()`).
 
     The model's `generation_config.json` often carries its own sampling defaults (e.g. `top_k=20, top_p=0.8,
     repetition_penalty=1.05`), and `transformers` fills every unset field from it, plus a global `top_k=50`. Every
@@ -101,16 +114,17 @@ def sampling_generation_config(
     the same distribution as vLLM with the same `SamplingParams`. End-of-sequence ids are the model's and the
     tokenizer's.
     """
+    sampling = (sampling or SamplingSettings()).effective()
     eos = _eos_token_ids(model, tokenizer)
     pad = getattr(tokenizer, "pad_token_id", None)
     if pad is None:
         pad = eos[0] if eos else 0
-    greedy = temperature == 0
     return GenerationConfig(
-        do_sample=not greedy,
-        temperature=1.0 if greedy else float(temperature),
-        top_p=1.0 if greedy else float(top_p),
-        top_k=0 if greedy else int(top_k),
+        do_sample=not sampling.greedy,
+        # Greedy decoding is do_sample=False; transformers refuses temperature 0, and ignores it when not sampling.
+        temperature=sampling.temperature or 1.0,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,
         min_p=0.0,
         typical_p=1.0,
         epsilon_cutoff=0.0,
@@ -119,7 +133,7 @@ def sampling_generation_config(
         no_repeat_ngram_size=0,
         num_beams=1,
         num_return_sequences=1,
-        max_new_tokens=int(max_new_tokens),
+        max_new_tokens=sampling.max_new_tokens,
         eos_token_id=eos or None,
         pad_token_id=int(pad),
         use_cache=True,
@@ -133,7 +147,8 @@ class TransformersGenerator:
     Args:
         model: a causal LM (a `PreTrainedModel` or a `PeftModel`).
         tokenizer: its tokenizer.
-        temperature, top_p, top_k, max_new_tokens: sampling settings (see [`sampling_generation_config`]).
+        sampling ([`SamplingSettings`], *optional*): how to sample (see [`sampling_generation_config`]). Its `seed` is
+            not applied here: `generate` draws from torch's global generator, which the caller seeds.
         batch_size (`int`): sequences per `generate` call. With `batch_size >= n`, `batch_size // n` prompts with all
             their `n` samples; otherwise `batch_size` samples of one prompt per call.
         synced_gpus (`bool`): pass `synced_gpus=True` to `generate` (needed when the model is sharded across processes,
@@ -142,7 +157,7 @@ class TransformersGenerator:
 
     Example:
     ```python
-    generator = TransformersGenerator(model, tokenizer, temperature=1.0, max_new_tokens=64, batch_size=32)
+    generator = TransformersGenerator(model, tokenizer, SamplingSettings(max_new_tokens=64), batch_size=32)
     samples = generator.generate([encode_prompt(tokenizer, "2+2=")], n=8)  # samples[0]: 8 Completion objects
     ```
     """
@@ -151,11 +166,8 @@ class TransformersGenerator:
         self,
         model,
         tokenizer,
+        sampling: SamplingSettings | None = None,
         *,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        max_new_tokens: int = 4096,
         batch_size: int = 64,
         synced_gpus: bool = False,
         show_progress: bool = True,
@@ -165,9 +177,8 @@ class TransformersGenerator:
         self.batch_size = int(batch_size)
         self.synced_gpus = synced_gpus
         self.show_progress = show_progress
-        self.generation_config = sampling_generation_config(
-            model, tokenizer, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens
-        )
+        self.sampling = sampling or SamplingSettings()
+        self.generation_config = sampling_generation_config(model, tokenizer, self.sampling)
         self.eos_token_ids = set(_eos_token_ids(model, tokenizer))
 
     @property
@@ -176,6 +187,10 @@ class TransformersGenerator:
 
     @torch.no_grad()
     def _generate_batch(self, prompts: list[list[int]], n: int) -> list[Completion]:
+        if n != 1 and self.sampling.greedy:
+            # Greedy decoding has one continuation per prompt (transformers refuses num_return_sequences > 1 without
+            # sampling): decode it once and repeat it, prompt-major like sampled rows.
+            return [dataclasses.replace(c) for c in self._generate_batch(prompts, 1) for _ in range(n)]
         pad = self.generation_config.pad_token_id
         width = max(len(ids) for ids in prompts)
         input_ids = torch.full((len(prompts), width), pad, dtype=torch.long)
@@ -260,9 +275,11 @@ class VLLMGenerator:
     generation): the base weights are loaded once and the adapter is applied on the fly, without writing a merged
     checkpoint. `max_lora_rank` defaults to the adapter's rank (rounded up to a value vLLM accepts).
 
+    `sampling.seed` seeds the engine; [`from_llm`] builds a generator on an existing engine instead.
+
     Example:
     ```python
-    generator = VLLMGenerator("Qwen/Qwen2.5-3B-Instruct", temperature=1.0, max_new_tokens=4096, seed=0)
+    generator = VLLMGenerator("Qwen/Qwen2.5-3B-Instruct", sampling=SamplingSettings(max_new_tokens=4096, seed=0))
     samples = generator.generate([encode_prompt(tokenizer, messages)], n=32)
     generator = VLLMGenerator("Qwen/Qwen2.5-3B-Instruct", adapter="outputs/qwen-lora")  # LoRA, unmerged
     ```
@@ -272,12 +289,8 @@ class VLLMGenerator:
         self,
         model: str,
         tokenizer: str | None = None,
+        sampling: SamplingSettings | None = None,
         *,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        max_new_tokens: int = 4096,
-        seed: int = 0,
         dtype: str = "auto",
         gpu_memory_utilization: float = 0.9,
         tensor_parallel_size: int = 1,
@@ -289,10 +302,7 @@ class VLLMGenerator:
     ):
         from vllm import LLM
 
-        self.temperature = float(temperature)
-        self.top_p = float(top_p)
-        self.top_k = int(top_k)
-        self.max_new_tokens = int(max_new_tokens)
+        self.sampling = sampling or SamplingSettings()
         self.show_progress = show_progress
         kwargs = {"max_model_len": max_model_len} if max_model_len else {}
         self.lora_request = None
@@ -305,7 +315,7 @@ class VLLMGenerator:
         self.llm = LLM(
             model=model,
             tokenizer=tokenizer or model,
-            seed=seed,
+            seed=self.sampling.seed,
             dtype=dtype,
             gpu_memory_utilization=gpu_memory_utilization,
             tensor_parallel_size=tensor_parallel_size,
@@ -314,40 +324,27 @@ class VLLMGenerator:
         )
 
     @classmethod
-    def from_llm(
-        cls,
-        llm,
-        *,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        max_new_tokens: int = 4096,
-        seed: int | None = None,
-        show_progress: bool = True,
-    ) -> VLLMGenerator:
-        """A generator on an existing `vllm.LLM` (e.g. the one a TRL trainer colocates with training). `seed`, when
-        given, seeds every request (`SamplingParams(seed=...)`), so the samples do not depend on what the engine
-        generated before."""
+    def from_llm(cls, llm, sampling: SamplingSettings | None = None, *, show_progress: bool = True) -> VLLMGenerator:
+        """A generator on an existing `vllm.LLM` (e.g. the one a TRL trainer colocates with training).
+        `sampling.seed` seeds every request (`SamplingParams(seed=...)`), so the samples do not depend on what the
+        engine generated before."""
         generator = cls.__new__(cls)
         generator.llm = llm
-        generator.temperature = float(temperature)
-        generator.top_p = float(top_p)
-        generator.top_k = int(top_k)
-        generator.max_new_tokens = int(max_new_tokens)
+        generator.sampling = sampling or SamplingSettings()
         generator.show_progress = show_progress
         generator.lora_request = None
-        generator.sampling_seed = seed
+        generator.sampling_seed = generator.sampling.seed
         return generator
 
     def sampling_params(self, n: int) -> dict[str, Any]:
         """The `SamplingParams` fields of `n` samples per prompt."""
-        greedy = self.temperature == 0
+        sampling = self.sampling.effective()
         params = dict(
             n=n,
-            temperature=0.0 if greedy else self.temperature,
-            top_p=1.0 if greedy else self.top_p,
-            max_tokens=self.max_new_tokens,
-            **({"top_k": self.top_k} if self.top_k > 0 and not greedy else {}),
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            max_tokens=sampling.max_new_tokens,
+            **({"top_k": sampling.top_k} if sampling.top_k > 0 else {}),
         )
         if self.sampling_seed is not None:
             params["seed"] = int(self.sampling_seed)
@@ -381,7 +378,7 @@ class VLLMClientGenerator:
 
     Example:
     ```python
-    generator = VLLMClientGenerator(trainer.vllm_generation.vllm_client, tokenizer, max_new_tokens=512, seed=0)
+    generator = VLLMClientGenerator(trainer.vllm_generation.vllm_client, tokenizer, SamplingSettings(max_new_tokens=512))
     samples = generator.generate([encode_prompt(tokenizer, "2+2=")], n=4)
     ```
     """
@@ -390,21 +387,13 @@ class VLLMClientGenerator:
         self,
         client,
         tokenizer,
+        sampling: SamplingSettings | None = None,
         *,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        max_new_tokens: int = 4096,
-        seed: int | None = None,
         eos_token_ids: Sequence[int] | None = None,
     ):
         self.client = client
         self.tokenizer = tokenizer
-        self.temperature = float(temperature)
-        self.top_p = float(top_p)
-        self.top_k = int(top_k)
-        self.max_new_tokens = int(max_new_tokens)
-        self.seed = seed
+        self.sampling = sampling or SamplingSettings()
         ids = eos_token_ids if eos_token_ids is not None else [getattr(tokenizer, "eos_token_id", None)]
         self.eos_token_ids = {int(i) for i in ids if i is not None}
 
@@ -412,16 +401,16 @@ class VLLMClientGenerator:
         """`n` samples for each prompt (token ids), as a list (per prompt) of lists of [`Completion`]."""
         if not prompts:
             return []
-        greedy = self.temperature == 0
+        sampling = self.sampling.effective()
         output = self.client.generate(
             prompts=[list(ids) for ids in prompts],
             n=n,
-            temperature=0.0 if greedy else self.temperature,
-            top_p=1.0 if greedy else self.top_p,
-            top_k=0 if greedy else self.top_k,
-            max_tokens=self.max_new_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            top_k=sampling.top_k,
+            max_tokens=sampling.max_new_tokens,
             logprobs=None,
-            generation_kwargs={"seed": int(self.seed)} if self.seed is not None else None,
+            generation_kwargs={"seed": sampling.seed},  # every request seeded: samples independent of earlier ones
         )
         rows = output["completion_ids"]  # prompt-major: the n samples of prompt 0, then those of prompt 1, ...
         if len(rows) != len(prompts) * n:

@@ -1,4 +1,5 @@
-"""Model, tokenizer and LoRA adapter loading for evaluation, with early checks of local checkpoint directories."""
+"""Model and LoRA adapter loading for evaluation, with early checks of local checkpoint directories. The tokenizer
+is loaded by `bandpo_trl.models.load_tokenizer`, as in training."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import logging
 import os
 
 import torch
+
+from ..models import load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -40,23 +43,6 @@ def check_local_checkpoint(path: str, flag: str, adapter: bool = False) -> None:
             f"{flag} {path}: no tokenizer files (tokenizer.json / tokenizer_config.json); save the tokenizer next "
             "to the model (trainer.save_model does) or copy it there"
         )
-
-
-def _has_tokenizer(path: str | None) -> bool:
-    return bool(path) and os.path.isfile(os.path.join(path, "tokenizer_config.json"))
-
-
-def tokenizer_source(model: str, adapter: str | None = None) -> str:
-    """Where the tokenizer is read from: `adapter` when its directory holds one (training may change it), else
-    `model`."""
-    return adapter if _has_tokenizer(adapter) else model
-
-
-def load_tokenizer(model: str, adapter: str | None = None, trust_remote_code: bool = False):
-    """The tokenizer of `adapter` when its directory holds one (training may change it), else the model's."""
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(tokenizer_source(model, adapter), trust_remote_code=trust_remote_code)
 
 
 def adapter_base_model(adapter: str) -> str | None:
@@ -116,7 +102,7 @@ def load_model_and_tokenizer(
     """
     from transformers import AutoModelForCausalLM
 
-    tokenizer = load_tokenizer(model, adapter, trust_remote_code)
+    tokenizer = load_tokenizer(model, adapter, trust_remote_code=trust_remote_code)
     torch_dtype = dtype if dtype == "auto" else getattr(torch, dtype)
     if adapter and adapter_base_model(adapter) == model:
         from peft import AutoPeftModelForCausalLM

@@ -1,7 +1,7 @@
 """Benchmark evaluation as the BandPO paper reports it: k samples per problem, mean@k and pass@k.
 
 [`evaluate_benchmark`] samples and scores one benchmark with any generator; [`run_evaluation`] loads a checkpoint,
-evaluates it on several benchmarks and writes the results; [`main`] is the `bandpo-eval` command.
+evaluates it on several benchmarks and writes the results (the `bandpo-eval` command, `cli.main`, runs it).
 """
 
 from __future__ import annotations
@@ -11,26 +11,21 @@ import json
 import logging
 import os
 import re
-import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-import torch
 from tqdm.auto import tqdm
 
+from ..data import EVAL_DATASETS, available_datasets, load_eval_dataset
 from ..metrics import pass_at_k
-from ..rewards import THINK_OPEN, opens_think_block
-from .arguments import EVAL_SPLITS, EvalArguments
+from ..models import load_tokenizer, tokenizer_source
+from ..rewards import open_thought_prefix
+from .arguments import EvalArguments
 from .generation import TransformersGenerator, VLLMGenerator, encode_prompt, is_conversational_prompt, resolve_backend
-from .loading import (
-    check_local_checkpoint,
-    load_model_and_tokenizer,
-    load_tokenizer,
-    resolve_model_and_adapter,
-    tokenizer_source,
-)
-from .scoring import BenchmarkResult, format_results_table, get_checker, score_completions, summarize_benchmark
+from .loading import check_local_checkpoint, load_model_and_tokenizer, resolve_model_and_adapter
+from .results import write_json, write_jsonl
+from .scoring import BenchmarkResult, get_checker, score_completions, summarize_benchmark
 
 logger = logging.getLogger(__name__)
 
@@ -75,16 +70,15 @@ def evaluate_benchmark(
     samples = generator.generate(prompt_ids, k, desc=name)
     if len(samples) != len(prompts) or any(len(row) != k for row in samples):
         raise RuntimeError(f"the generator returned the wrong number of samples for {name!r}")
-    # A template that opens <think> in the generation prompt (DeepSeek-R1-Distill) makes every completion start
-    # inside the thought: score it as training's reward does (`in_open_think`), so a thought cut off at
-    # max_new_tokens has no final answer even if it wrote one along the way.
-    thought_opener = f"{THINK_OPEN}\n" if opens_think_block(tokenizer) else ""
     records = []
     for problem_id, prompt, gold, row in tqdm(
         list(zip(ids, prompts, golds, samples)), desc=f"{name}: scoring", unit="problem", disable=not show_progress
     ):
         texts = [sample.text for sample in row]
-        opener = thought_opener if is_conversational_prompt(prompt) else ""
+        # A template that opens <think> in the generation prompt (DeepSeek-R1-Distill) makes every completion start
+        # inside the thought: score it as training's reward does, so a thought cut off at max_new_tokens has no
+        # final answer even if it wrote one along the way.
+        opener = open_thought_prefix(tokenizer, prompt)
         answers, correct = score_completions([opener + t for t in texts], gold, checker=checker, extractor=extractor)
         record = {
             "problem_id": str(problem_id),
@@ -105,8 +99,6 @@ def evaluate_benchmark(
 
 
 def _expand_benchmarks(names: Sequence[str]) -> list[str]:
-    from ..data import EVAL_DATASETS, available_datasets
-
     expanded: list[str] = []
     for name in names:
         for item in EVAL_DATASETS if name == "all" else [name]:
@@ -126,14 +118,6 @@ def _default_output_dir(args: EvalArguments) -> str:
     return os.path.join("eval_results", re.sub(r"[^A-Za-z0-9._-]+", "__", args.model))
 
 
-def _write_jsonl(path: str, records: Iterable[dict[str, Any]]) -> None:
-    # The output directory is created with the first file written, so a run that fails early leaves none behind.
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(path, "w", encoding="utf-8") as handle:
-        for record in records:
-            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-
-
 def run_evaluation(args: EvalArguments, generator=None, tokenizer=None) -> dict[str, Any]:
     """
     Evaluate `args.model` (plus `args.adapter`) on `args.benchmarks`; write the results; return the summary.
@@ -148,14 +132,12 @@ def run_evaluation(args: EvalArguments, generator=None, tokenizer=None) -> dict[
     """
     from transformers import set_seed
 
-    from ..data import load_named_dataset
-
     benchmarks = _expand_benchmarks(args.benchmarks)
     output_dir = args.output_dir or _default_output_dir(args)
     if generator is None:
-        from ..smollm2 import resolve_model_name
+        from ..smollm2 import resolve_smollm2_name
 
-        args = dataclasses.replace(args, model=resolve_model_name(args.model))  # smollm2-135m-instruct
+        args = dataclasses.replace(args, model=resolve_smollm2_name(args.model))  # smollm2-135m-instruct
         check_local_checkpoint(args.model, "--model")
         model, adapter = resolve_model_and_adapter(args.model, args.adapter)
         if (model, adapter) != (args.model, args.adapter):
@@ -173,11 +155,7 @@ def run_evaluation(args: EvalArguments, generator=None, tokenizer=None) -> dict[
             generator = VLLMGenerator(
                 args.model,
                 tokenizer_path,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                top_k=args.top_k,
-                max_new_tokens=args.max_new_tokens,
-                seed=args.seed,
+                args.sampling,
                 dtype=args.dtype,
                 gpu_memory_utilization=args.vllm_gpu_memory_utilization,
                 tensor_parallel_size=args.vllm_tensor_parallel_size,
@@ -196,21 +174,14 @@ def run_evaluation(args: EvalArguments, generator=None, tokenizer=None) -> dict[
                 trust_remote_code=args.trust_remote_code,
             )
             generator = TransformersGenerator(
-                model,
-                tokenizer,
-                temperature=args.temperature,
-                top_p=args.top_p,
-                top_k=args.top_k,
-                max_new_tokens=args.max_new_tokens,
-                batch_size=args.batch_size,
-                show_progress=args.show_progress,
+                model, tokenizer, args.sampling, batch_size=args.batch_size, show_progress=args.show_progress
             )
     elif tokenizer is None:
         raise ValueError("pass the tokenizer together with a custom generator")
 
     results: dict[str, dict[str, Any]] = {}
     for name in benchmarks:
-        dataset = load_named_dataset(name, split=EVAL_SPLITS.get(name), num_samples=args.num_problems, seed=args.seed)
+        dataset = load_eval_dataset(name, num_problems=args.num_problems, seed=args.seed)
         set_seed(args.seed)  # each benchmark's samples do not depend on the ones evaluated before it
         result = evaluate_benchmark(
             name,
@@ -223,7 +194,7 @@ def run_evaluation(args: EvalArguments, generator=None, tokenizer=None) -> dict[
             show_progress=args.show_progress,
             chat_template_kwargs=args.chat_template_kwargs,
         )
-        _write_jsonl(os.path.join(output_dir, f"{name}.jsonl"), result.records)
+        write_jsonl(os.path.join(output_dir, f"{name}.jsonl"), result.records)
         results[name] = result.metrics
         logger.info("%s: %s", name, json.dumps(result.metrics))
 
@@ -233,28 +204,6 @@ def run_evaluation(args: EvalArguments, generator=None, tokenizer=None) -> dict[
         "elapsed_s": round(time.perf_counter() - start, 3),
         "results": results,
     }
-    os.makedirs(output_dir, exist_ok=True)
-    with open(os.path.join(output_dir, "summary.json"), "w", encoding="utf-8") as handle:
-        json.dump(summary, handle, indent=2)
+    write_json(os.path.join(output_dir, "summary.json"), summary)
     summary["output_dir"] = output_dir
     return summary
-
-
-def main(argv: Sequence[str] | None = None) -> None:
-    """Command-line entry point: `bandpo-eval --model PATH_OR_ID [--adapter LORA] --benchmarks aime24 amc23 --k 32`.
-
-    Writes `<output_dir>/<benchmark>.jsonl` and `<output_dir>/summary.json` and prints a Markdown table."""
-    from trl import TrlParser
-
-    parser = TrlParser(dataclass_types=[EvalArguments], prog="bandpo-eval", description=__doc__.split("\n")[0])
-    (args,) = parser.parse_args_and_config(args=argv)
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    if args.torch_num_threads:
-        torch.set_num_threads(args.torch_num_threads)
-    summary = run_evaluation(args)
-    print(
-        f"\nResults written to {summary['output_dir']} (k={args.k}, temperature={args.temperature}, "
-        f"top_p={args.top_p}, backend={summary['backend']}):\n"
-    )
-    print(format_results_table(summary["results"], args.k, args.pass_k))

@@ -3,27 +3,15 @@
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..arithmetic import arithmetic_is_correct, extract_arithmetic_answer
 from ..metrics import mean_at_k, problem_pass_at_k
+from ..rewards import extract_answer, is_correct, toy_extract_answer, toy_is_correct
 
 logger = logging.getLogger(__name__)
-
-
-def toy_is_correct(text: str, gold: str) -> bool:
-    """The toy task's checker (that of `toy_accuracy_reward`): the stripped completion is exactly the gold integer."""
-    from ..rewards import toy_accuracy_reward
-
-    return toy_accuracy_reward([text], answer=[gold])[0] == 1.0
-
-
-def toy_extract_answer(text: str) -> str | None:
-    """The toy task's answer: the stripped completion when it is an integer, else None."""
-    text = text.strip()
-    return text if re.fullmatch(r"-?\d+", text) else None
 
 
 def get_checker(benchmark: str) -> tuple[Callable[[str, str], bool], Callable[[str], str | None]]:
@@ -37,11 +25,7 @@ def get_checker(benchmark: str) -> tuple[Callable[[str, str], bool], Callable[[s
     if benchmark == "toy_arithmetic":
         return toy_is_correct, toy_extract_answer
     if benchmark.startswith("arithmetic_"):  # the last number of the reply: the arithmetic accuracy reward's checker
-        from ..arithmetic import arithmetic_is_correct, extract_arithmetic_answer
-
         return arithmetic_is_correct, extract_arithmetic_answer
-    from ..rewards import extract_answer, is_correct
-
     return is_correct, extract_answer
 
 
@@ -73,8 +57,6 @@ def score_completions(
     ```
     """
     if checker is None or extractor is None:
-        from ..rewards import extract_answer, is_correct
-
         checker = checker or is_correct
         extractor = extractor or extract_answer
     answers, correct = [], []
