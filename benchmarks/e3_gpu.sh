@@ -73,9 +73,12 @@ stage() {
         compgen -G ".whl/*.whl" >/dev/null || { echo "no wheels in .whl/: run 'prepare' here first" >&2; exit 1; }
         "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$STAGE/site" .whl/*.whl
         PYTHONPATH="$STAGE/site:$PYTHONPATH" "$PY" -c "
+from importlib.metadata import version
+if int(version('pyarrow').split('.')[0]) < 24:
+    raise SystemExit(f'pyarrow {version(\"pyarrow\")} is too old for datasets 5.2 (>= 24): carry a pyarrow wheel')
 import torch, transformers, trl, datasets, gguf, accelerate, peft
 print('torch', torch.__version__, '| transformers', transformers.__version__, '| trl', trl.__version__,
-      '| datasets', datasets.__version__, '| gguf', gguf.__version__, '| cuda', torch.cuda.is_available())"
+      '| datasets', datasets.__version__, '| gguf', version('gguf'), '| cuda', torch.cuda.is_available())"
     fi
     ls -l "$STAGE/gguf"
     echo "staged in $STAGE: send the 'run' command now (the machine keeps /tmp for 30 s)"
