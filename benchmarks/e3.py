@@ -1,10 +1,10 @@
 """Study E3 (pre-registered in docs/smollm2.md): clip, Clip-Higher, DCPO and Band KL on SmolLM2-135M-Instruct.
 
-    python benchmarks/e3.py run --budget-s 360 --out-archive $OUT/e3_runs.tar.gz   # the study, on one GPU
-    python benchmarks/e3.py run --dry-run --out-archive outputs/e3_dry/e3_runs.tar.gz  # a few steps on the CPU
-    python benchmarks/e3.py analyze outputs/e3 --results-dir docs/e3                 # tables from the runs
+    python -m benchmarks.e3 run --budget-s 360 --out-archive $OUT/e3_runs.tar.gz   # the study, on one GPU
+    python -m benchmarks.e3 run --dry-run --out-archive outputs/e3_dry/e3_runs.tar.gz  # a few steps on the CPU
+    python -m benchmarks.e3 analyze outputs/e3 --results-dir docs/e3                 # tables from the runs
 
-`run` starts every run at once (`RULES` x `SEEDS`, each `benchmarks/e3_run.py` on a recipe of
+`run` starts every run at once (`RULES` x `SEEDS`, each `python -m benchmarks.e3_run` on a recipe of
 `recipes/SmolLM2-135M-Instruct/`, one process each, all on the one GPU), with a deadline: runs stop after the first
 optimizer step past `budget - STOP_MARGIN_S`, and any still alive at `budget - KILL_MARGIN_S` are killed. While
 they run, and once more at the end, everything under the output directory is packed into `--out-archive`
@@ -31,11 +31,10 @@ import tarfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from study import call, fmt_ci, mean_ci, paired_differences  # noqa: E402
+from benchmarks.study import call, fmt_ci, mean_ci, paired_differences
 
 ROOT = Path(__file__).resolve().parent.parent
-RUN_SCRIPT = Path(__file__).resolve().parent / "e3_run.py"
+RUN_MODULE = "benchmarks.e3_run"  # run with the repository root as working directory
 RECIPES = ROOT / "recipes" / "SmolLM2-135M-Instruct"
 RULES = {
     "clip": "grpo/config_clip.yaml",
@@ -96,7 +95,7 @@ def pack(source: Path, archive: Path) -> None:
 
 def run_command(rule: str, seed: int, run_dir: Path, deadline: float, overrides: dict) -> list[str]:
     command = [
-        sys.executable, str(RUN_SCRIPT),
+        sys.executable, "-m", RUN_MODULE,
         "--config", str(RECIPES / RULES[rule]),
         "--output_dir", str(run_dir),
         "--seed", str(seed),

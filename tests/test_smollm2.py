@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from bandpo_trl import smollm2
+from bandpo_trl.arithmetic import INSTRUCTION
 from bandpo_trl.smollm2 import (
     GGUF_ENV,
     GGUF_SHA256,
@@ -214,7 +215,8 @@ def test_recipe_trains_two_steps_through_bandpo_train(smollm2_cache, recipe, tmp
     steps = [log for log in state["log_history"] if "loss" in log]
     assert 0 <= steps[-1]["band/lower_mean"] < 1 < steps[-1]["band/upper_mean"] <= 10
     table = pd.concat(pd.read_parquet(path) for path in (output_dir / "completions").glob("*.parquet"))
-    assert all(prompt.startswith(SYSTEM_PROMPT) for prompt in table["prompt"])
+    # The dataset's chat messages (TRL renders them with the chat template checked above).
+    assert all(list(prompt)[-1]["content"].endswith(INSTRUCTION) for prompt in table["prompt"])
     assert all("<|im_end|>" not in completion for completion in table["completion"])
     assert set(table["arithmetic_accuracy_reward"]) <= {-1.0, 1.0}
     # Some completions end on <|im_end|> before the length cap (TRL's terminated lengths are logged only then).
