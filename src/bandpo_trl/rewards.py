@@ -10,6 +10,8 @@ r"""Reward functions with TRL's signature `fn(completions, **kwargs) -> list[flo
   (DeepSeek-R1-Distill), `bandpo_trl.train` scores the completions with `in_open_think`.
 - `format_reward`: 1 if the last non-empty line is `Answer: <something>`, 0 otherwise.
 - `toy_accuracy_reward`: 1 if the toy completion is exactly the gold integer, 0 otherwise.
+- `arithmetic_accuracy` (`bandpo_trl.arithmetic`): +1 if the last number of the reply is the gold integer, -1
+  otherwise (the `arithmetic_<level>` datasets).
 
 Example:
 ```python
@@ -31,6 +33,7 @@ from collections.abc import Callable
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
 
+from .arithmetic import arithmetic_accuracy_reward
 from .utils import import_object, is_import_path
 
 _ANSWER_LINE = re.compile(r"answer\s*:\**\s*(.*)", re.IGNORECASE)
@@ -255,6 +258,7 @@ REWARD_FUNCS: dict[str, Callable[..., list[float]]] = {
     "math_accuracy": math_accuracy_reward,
     "format": format_reward,
     "toy_accuracy": toy_accuracy_reward,
+    "arithmetic_accuracy": arithmetic_accuracy_reward,
 }
 
 

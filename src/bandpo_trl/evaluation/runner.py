@@ -135,6 +135,9 @@ def run_evaluation(args: EvalArguments, generator=None, tokenizer=None) -> dict[
     benchmarks = _expand_benchmarks(args.benchmarks)
     output_dir = args.output_dir or _default_output_dir(args)
     if generator is None:
+        from ..smollm2 import resolve_smollm2_name
+
+        args = dataclasses.replace(args, model=resolve_smollm2_name(args.model))  # smollm2-135m-instruct
         check_local_checkpoint(args.model, "--model")
         model, adapter = resolve_model_and_adapter(args.model, args.adapter)
         if (model, adapter) != (args.model, args.adapter):

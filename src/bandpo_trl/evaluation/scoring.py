@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ..arithmetic import arithmetic_is_correct, extract_arithmetic_answer
 from ..metrics import mean_at_k, problem_pass_at_k
 from ..rewards import extract_answer, is_correct, toy_extract_answer, toy_is_correct
 
@@ -18,10 +19,13 @@ def get_checker(benchmark: str) -> tuple[Callable[[str, str], bool], Callable[[s
     The `(checker, extractor)` pair that scores `benchmark`: the one of the accuracy reward its training task uses.
 
     Math benchmarks use `bandpo_trl.rewards.is_correct` / `extract_answer` (math_verify on the `Answer:` line or the
-    last `\\boxed{}`: the math accuracy reward); the toy task uses the exact-integer check of `toy_accuracy_reward`.
+    last `\\boxed{}`: the math accuracy reward); the toy task uses the exact-integer check of `toy_accuracy_reward`,
+    the `arithmetic_<level>` datasets the last-number check of `arithmetic_accuracy_reward`.
     """
     if benchmark == "toy_arithmetic":
         return toy_is_correct, toy_extract_answer
+    if benchmark.startswith("arithmetic_"):  # the last number of the reply: the arithmetic accuracy reward's checker
+        return arithmetic_is_correct, extract_arithmetic_answer
     return is_correct, extract_answer
 
 
