@@ -33,7 +33,7 @@ from datasets import Dataset, concatenate_datasets
 from transformers import AutoTokenizer
 from trl import ModelConfig, TrlParser, get_peft_config, get_quantization_config
 
-from .checkpoints import resolve_resume_checkpoint
+from .checkpoints import check_clip_settings, check_output_dir, resolve_resume_checkpoint
 from .config import BandGRPOConfig
 from .data import available_datasets, load_named_dataset, parse_dataset_paths
 from .rewards import available_rewards, get_reward_funcs, in_open_think, opens_think_block
@@ -110,6 +110,20 @@ class ScriptArguments:
     eval_num_problems: int | None = field(
         default=32, metadata={"help": "Problems per benchmark of the in-training evaluation (None: all)."}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start over in an output_dir that holds an earlier run (checkpoint-* directories, a saved model): "
+            "delete them first. Without it (or resume_from_checkpoint) such a run is refused before any work."
+        },
+    )
+    allow_clip_change: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume from a checkpoint trained with other clip settings (clip_rule, its options, epsilon) "
+            "with a warning naming each, instead of refusing."
+        },
+    )
 
     def __post_init__(self):
         # A YAML scalar where a list is expected (`reward_funcs: toy_accuracy`) means a one-element list, not its
@@ -126,6 +140,20 @@ class ScriptArguments:
             raise ValueError(f"max_prompt_length must be a positive number of tokens, got {self.max_prompt_length}")
         if self.eval_every_steps < 0:
             raise ValueError(f"eval_every_steps must be >= 0 (0 disables evaluation), got {self.eval_every_steps}")
+        if self.eval_num_problems is not None and self.eval_num_problems < 1:
+            raise ValueError(
+                "eval_num_problems must be a positive number of problems per benchmark, or None for all of them, "
+                f"got {self.eval_num_problems}"
+            )
+        if self.eval_k < 1:
+            raise ValueError(f"eval_k must be a positive number of samples per problem, got {self.eval_k}")
+        if self.eval_every_steps > 0 and not self.eval_benchmarks:
+            warnings.warn(
+                f"eval_every_steps={self.eval_every_steps} is set but eval_benchmarks is empty, so nothing will be "
+                "evaluated during training; name the benchmarks (e.g. eval_benchmarks: [aime24, amc23]).",
+                UserWarning,
+                stacklevel=3,
+            )
         if self.eval_benchmarks and self.eval_every_steps == 0:
             warnings.warn(
                 f"eval_benchmarks={self.eval_benchmarks} is set but eval_every_steps=0, so no benchmark will be "
@@ -289,6 +317,16 @@ def train(
     for name in [*script_args.dataset_names, *script_args.eval_benchmarks]:
         if name not in available_datasets():
             raise ValueError(f"Unknown dataset {name!r}. Known datasets: {', '.join(available_datasets())}")
+    # Never harm an earlier run in output_dir; resume only from a checkpoint that loads, with the same clip settings.
+    check_output_dir(
+        training_args.output_dir,
+        training_args.resume_from_checkpoint,
+        script_args.overwrite_output_dir,
+        should_delete=training_args.should_save,
+    )
+    resume_from = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    if resume_from is not None:
+        check_clip_settings(resume_from, training_args, allow_change=script_args.allow_clip_change)
 
     if model_args.model_name_or_path == TINY_MODEL_NAME:
         model_args.model_name_or_path = load_tiny(tiny_args or TinyModelArguments(), training_args)
@@ -302,7 +340,6 @@ def train(
     if not isinstance(train_dataset[0]["prompt"], str) and opens_think_block(tokenizer):
         # DeepSeek-R1-Distill: the chat prompt ends in "<think>\n", so the rewards must see where the thought ends.
         reward_funcs = [in_open_think(func) for func in reward_funcs]
-    resume_from = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
 
     callbacks = []
     if script_args.eval_every_steps > 0 and script_args.eval_benchmarks:
