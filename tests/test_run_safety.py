@@ -154,7 +154,7 @@ def test_the_trainer_from_python_warns_before_writing_over_an_earlier_run(
     tmp_path, tiny_model_dir, tiny_train_dataset, monkeypatch
 ):
     # Trainer semantics from Python (a notebook reruns `trainer.train()` into one output_dir): a warning, no refusal.
-    monkeypatch.setattr(GRPOTrainer, "train", lambda self, *args, **kwargs: "trained")
+    monkeypatch.setattr(GRPOTrainer, "train", lambda self, *args: "trained")
     args = args_for(tmp_path, bf16=False, per_device_train_batch_size=4, num_generations=4, max_completion_length=4)
     trainer = build_trainer(args, tiny_model_dir, tiny_train_dataset)
     with warnings.catch_warnings():

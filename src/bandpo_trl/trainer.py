@@ -117,12 +117,12 @@ class BandGRPOTrainer(GRPOTrainer):
             "Set clip_rule to another rule (e.g. 'band') to apply the overridden bounds."
         )
 
-    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None, **kwargs):
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
         """`Trainer.train`, after two warnings (`Trainer` semantics: nothing is refused here, unlike the
         `bandpo-train` entry point): when a fresh run is about to write over an earlier run's checkpoints or model in
         `output_dir`, and when the checkpoint resumed was trained with other clip settings (naming each)."""
         warn_on_earlier_run(self.args, resume_from_checkpoint, self._overriding_bounds())
-        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval, **kwargs)
+        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
 
     def _save_checkpoint(self, model, trial):
         # The clip settings go in first: Trainer writes trainer_state.json last, and a checkpoint without it is
