@@ -30,10 +30,11 @@ test: lint
 test-fast: lint
 	$(PY) -m pytest -q -m "not slow"
 
-# One CPU thread: the tiny model's matrices are too small to split, and extra threads only contend.
+# One CPU thread: the tiny model's matrices are too small to split, and extra threads only contend. A rerun starts
+# over in the same output_dir (keeping its cached warm-up).
 train: install
 	$(VENV)/bin/accelerate launch --config_file recipes/accelerate_configs/cpu.yaml --num_cpu_threads_per_process 1 \
-		-m bandpo_trl.train --config recipes/tiny/bandpo/config_kl.yaml
+		-m bandpo_trl.train --config recipes/tiny/bandpo/config_kl.yaml --overwrite_output_dir true
 
 eval: install
 	@test -f outputs/tiny-bandpo-kl/config.json || { echo "No trained model in outputs/tiny-bandpo-kl: run 'make train' first."; exit 1; }

@@ -126,6 +126,7 @@ def launch(args, method: str, seed: int, model_dir: str) -> tuple[subprocess.Pop
         "--config", str(args.recipe),
         "--model_name_or_path", model_dir,
         "--output_dir", str(run_dir),
+        "--overwrite_output_dir", "true",  # a run not kept above (unfinished, or --force) starts over
         "--seed", str(seed),
         *run_overrides(args),
         *args.recipe_overrides,

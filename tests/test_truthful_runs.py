@@ -11,7 +11,9 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
 from datasets import Dataset
+from safetensors.torch import save_file
 
 from bandpo_trl import BandGRPOConfig
 from bandpo_trl.arguments import ScriptArguments, make_parser
@@ -226,7 +228,7 @@ def test_empty_prompts_are_refused_by_row():
 def _checkpoint(root: Path, step: int, complete: bool = True) -> Path:
     path = root / f"checkpoint-{step}"
     path.mkdir(parents=True)
-    (path / "model.safetensors").write_bytes(b"")
+    save_file({"weight": torch.zeros(4)}, str(path / "model.safetensors"))
     if complete:
         (path / "trainer_state.json").write_text(json.dumps({"global_step": step}))
     return path
@@ -320,7 +322,6 @@ def test_band_config_runs_as_written_on_a_cpu_only_machine(tmp_path):
     # The README's example, verbatim: no bf16/use_cpu flags. TRL's GRPOConfig would turn bf16 on and fail here.
     args = BandGRPOConfig(output_dir=str(tmp_path), band_divergence="tv", band_delta=0.05,
                           gradient_accumulation_steps=4, steps_per_generation=16, loss_type="grpo", beta=0.001)  # fmt: skip
-    import torch
 
     assert args.bf16 == (torch.cuda.is_available() and torch.cuda.is_bf16_supported())
     assert BandGRPOConfig(output_dir=str(tmp_path), bf16=False, steps_per_generation=4).bf16 is False

@@ -96,6 +96,21 @@ class ScriptArguments:
         metadata={"help": "Problems per benchmark of the in-training evaluation (None: all)."},
     )
 
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Start over in an output_dir that holds an earlier run (checkpoint-* directories, a saved model): "
+            "delete them first. Without it (or resume_from_checkpoint) such a run is refused before any work."
+        },
+    )
+    allow_clip_change: bool = field(
+        default=False,
+        metadata={
+            "help": "Resume from a checkpoint trained with other clip settings (clip_rule, its options, epsilon) "
+            "with a warning naming each, instead of refusing."
+        },
+    )
+
     def __post_init__(self):
         # A YAML scalar where a list is expected (`reward_funcs: toy_accuracy`) means a one-element list, not its
         # characters.
@@ -111,6 +126,20 @@ class ScriptArguments:
             raise ValueError(f"max_prompt_length must be a positive number of tokens, got {self.max_prompt_length}")
         if self.eval_every_steps < 0:
             raise ValueError(f"eval_every_steps must be >= 0 (0 disables evaluation), got {self.eval_every_steps}")
+        if self.eval_num_problems is not None and self.eval_num_problems < 1:
+            raise ValueError(
+                "eval_num_problems must be a positive number of problems per benchmark, or None for all of them, "
+                f"got {self.eval_num_problems}"
+            )
+        if self.eval_k < 1:
+            raise ValueError(f"eval_k must be a positive number of samples per problem, got {self.eval_k}")
+        if self.eval_every_steps > 0 and not self.eval_benchmarks:
+            warnings.warn(
+                f"eval_every_steps={self.eval_every_steps} is set but eval_benchmarks is empty, so nothing will be "
+                "evaluated during training; name the benchmarks (e.g. eval_benchmarks: [aime24, amc23]).",
+                UserWarning,
+                stacklevel=3,
+            )
         if self.eval_benchmarks and self.eval_every_steps == 0:
             warnings.warn(
                 f"eval_benchmarks={self.eval_benchmarks} is set but eval_every_steps=0, so no benchmark will be "

@@ -107,12 +107,15 @@ class BandGRPOConfig(GRPOConfig):
     )
 
     def __post_init__(self):
+        check_counts(self)  # before TRL's and transformers' own checks, which divide by some of them
         if self.bf16 is None and not self.fp16:
             from transformers.utils import is_torch_bf16_gpu_available, is_torch_xla_available
 
             self.bf16 = is_torch_bf16_gpu_available() or is_torch_xla_available()
         super().__post_init__()
         validate_band_options(self)
+        # The trainer validates again only if one of these settings changed since (its warnings are then new ones).
+        self._validated_settings = validated_settings(self)
 
 
 # The options BandGRPOConfig adds to GRPOConfig, with their defaults: a plain GRPOConfig handed to
@@ -198,6 +201,74 @@ def check_clip_rule(rule: ClipRule, args) -> None:
         )
 
 
+# Everything `validate_band_options` reads: a config whose values are unchanged since it was validated is not checked
+# (nor warned about) again.
+VALIDATED_SETTINGS = (
+    "clip_rule",
+    *RULE_OPTIONS,
+    "epsilon",
+    "epsilon_high",
+    "importance_sampling_level",
+    "loss_type",
+    "use_liger_kernel",
+    "use_vllm",
+    "vllm_importance_sampling_correction",
+    "num_iterations",
+    "gradient_accumulation_steps",
+    "steps_per_generation",
+    "max_steps",
+    "num_train_epochs",
+    "save_strategy",
+    "save_steps",
+)
+
+
+def validated_settings(args) -> tuple:
+    """The values of `VALIDATED_SETTINGS` in `args` (a plain `GRPOConfig` reads as the BandGRPOConfig defaults)."""
+    view = with_band_defaults(args)
+    return tuple(getattr(view, name, None) for name in VALIDATED_SETTINGS)
+
+
+def is_validated(args) -> bool:
+    """Whether `args` is a config validated when it was built, with none of the settings checked changed since."""
+    return getattr(args, "_validated_settings", None) == validated_settings(args)
+
+
+def check_counts(args) -> None:
+    """Refuse counts that are zero or negative where TRL and transformers need a positive one (they would divide by
+    them or silently read them as something else), naming the value and what is accepted.
+
+    Raises:
+        ValueError: `num_iterations`, `gradient_accumulation_steps` or `steps_per_generation` below 1; `max_steps`
+            neither positive nor -1; `num_train_epochs <= 0` when `max_steps` is -1; `save_steps <= 0` with
+            `save_strategy="steps"`.
+    """
+    for name, accepted in (
+        ("num_iterations", "(1 or more)"),
+        ("gradient_accumulation_steps", "(1 or more)"),
+        ("steps_per_generation", "(1 or more), or unset to use gradient_accumulation_steps"),
+    ):
+        value = getattr(args, name, None)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer {accepted}, got {value!r}")
+    if args.max_steps == 0 or args.max_steps < -1:
+        raise ValueError(
+            f"max_steps must be a positive number of optimizer steps, or -1 (the default) to train for "
+            f"num_train_epochs, got {args.max_steps}"
+        )
+    if args.max_steps == -1 and args.num_train_epochs <= 0:
+        raise ValueError(
+            f"num_train_epochs must be > 0 when max_steps=-1 (the default: train for num_train_epochs), got "
+            f"{args.num_train_epochs}; or set max_steps to a positive number of optimizer steps"
+        )
+    strategy = getattr(args.save_strategy, "value", args.save_strategy)
+    if strategy == "steps" and args.save_steps <= 0:
+        raise ValueError(
+            f"save_steps must be > 0 with save_strategy='steps' (a number of optimizer steps, or a fraction of the "
+            f"run below 1), got {args.save_steps}; set save_strategy='no' to save no checkpoints"
+        )
+
+
 def validate_clip_rule_options(args) -> ClipRule:
     """The checks of the clipping options that hold for every trainer of the package (`BandGRPOConfig` and
     `BandAsyncGRPOConfig`): the rule is registered (or an importable path), the divergence is known, the numbers are
@@ -232,6 +303,7 @@ def validate_band_options(args) -> None:
     Raises `ValueError` naming the bad value and what is accepted; warns when the configuration makes the
     clipping rule a no-op, and when options the rule does not read are set.
     """
+    check_counts(args)
     warn_on_mid_batch_checkpoints(args)
     rule = validate_clip_rule_options(args)
     if rule.trl_clip:

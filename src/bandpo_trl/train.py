@@ -30,7 +30,7 @@ import torch
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from .arguments import ScriptArguments, TinyModelArguments, make_parser
-from .checkpoints import resolve_resume_checkpoint
+from .checkpoints import check_clip_settings, check_output_dir, resolve_resume_checkpoint
 from .config import BandGRPOConfig
 from .data import available_datasets, check_enough_prompts, drop_long_prompts, load_train_dataset
 from .evaluation import BenchmarkEvalCallback, SamplingSettings
@@ -56,6 +56,16 @@ def train(
     for name in [*script_args.dataset_names, *script_args.eval_benchmarks]:
         if name not in available_datasets():
             raise ValueError(f"Unknown dataset {name!r}. Known datasets: {', '.join(available_datasets())}")
+    # Never harm an earlier run in output_dir; resume only from a checkpoint that loads, with the same clip settings.
+    check_output_dir(
+        training_args.output_dir,
+        training_args.resume_from_checkpoint,
+        script_args.overwrite_output_dir,
+        should_delete=training_args.should_save,
+    )
+    resume_from = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
+    if resume_from is not None:
+        check_clip_settings(resume_from, training_args, allow_change=script_args.allow_clip_change)
 
     model_args.model_name_or_path = resolve_model_name(model_args.model_name_or_path, training_args, tiny_args)
     tokenizer = load_tokenizer(
@@ -72,7 +82,6 @@ def train(
     if open_thought_prefix(tokenizer, train_dataset[0]["prompt"]):
         # DeepSeek-R1-Distill: the chat prompt opens the thought, so the rewards must see where the thought ends.
         reward_funcs = [in_open_think(func) for func in reward_funcs]
-    resume_from = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
 
     callbacks = []
     if script_args.eval_every_steps > 0 and script_args.eval_benchmarks:

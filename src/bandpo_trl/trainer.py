@@ -12,14 +12,18 @@ aggregation, ``top_entropy_quantile``, vLLM importance-sampling correction, grad
 from __future__ import annotations
 
 import math
+import os
+import textwrap
 import warnings
 
 import torch
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 
+from .checkpoints import clip_settings, warn_on_earlier_run, write_clip_settings
 from .clip_metrics import PROB_BUCKETS, band_metrics, clip_metric_sums, invalid_bounds, token_bounds
 from .clip_rules import ClipRule, get_clip_rule
-from .config import band_option, validate_band_options, with_band_defaults
+from .config import band_option, is_validated, validate_band_options, with_band_defaults
 
 __all__ = ["PROB_BUCKETS", "BandGRPOTrainer"]
 
@@ -63,8 +67,28 @@ class BandGRPOTrainer(GRPOTrainer):
     ```
     """
 
+    # The model card (`create_model_card`, also written with every checkpoint) names and cites BandPO, and GRPO.
+    _tag_names = ["trl", "grpo", "bandpo"]
+    _name = "BandPO"
+    _paper = {
+        "title": "BandPO: Bridging Trust Regions and Ratio Clipping via Probability-Aware Bounds for LLM "
+        "Reinforcement Learning",
+        "id": "2603.04918",
+        # docstyle-ignore
+        "citation": textwrap.dedent("""\
+            @article{li2026bandpo,
+                title        = {{BandPO: Bridging Trust Regions and Ratio Clipping via Probability-Aware Bounds for LLM Reinforcement Learning}},
+                author       = {Li and others},
+                year         = 2026,
+                eprint       = {arXiv:2603.04918},
+            }
+            """)
+        + "\n"
+        + GRPOTrainer._paper["citation"],
+    }
+
     def __init__(self, model, reward_funcs=None, args=None, *more_args, **kwargs):
-        if args is not None:
+        if args is not None and not is_validated(args):
             validate_band_options(args)  # before the (slow) model load; a plain GRPOConfig is checked here too
         custom_bounds = type(self).compute_clip_bounds is not BandGRPOTrainer.compute_clip_bounds
         rule = get_clip_rule(band_option(args, "clip_rule")) if args is not None else None
@@ -92,6 +116,27 @@ class BandGRPOTrainer(GRPOTrainer):
             "TRL's own fixed clip, which this trainer leaves to TRL's loss, so the override would never be applied. "
             "Set clip_rule to another rule (e.g. 'band') to apply the overridden bounds."
         )
+
+    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
+        """`Trainer.train`, after two warnings (`Trainer` semantics: nothing is refused here, unlike the
+        `bandpo-train` entry point): when a fresh run is about to write over an earlier run's checkpoints or model in
+        `output_dir`, and when the checkpoint resumed was trained with other clip settings (naming each)."""
+        warn_on_earlier_run(self.args, resume_from_checkpoint, self._overriding_bounds())
+        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
+
+    def _save_checkpoint(self, model, trial):
+        # The clip settings go in first: Trainer writes trainer_state.json last, and a checkpoint without it is
+        # incomplete (bandpo_trl.checkpoints), so a complete checkpoint always has them.
+        if self.args.should_save:
+            folder = os.path.join(
+                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            )
+            write_clip_settings(folder, clip_settings(self.args, self._overriding_bounds()))
+        super()._save_checkpoint(model, trial)
+
+    def _overriding_bounds(self) -> str | None:
+        method = type(self).compute_clip_bounds
+        return None if method is BandGRPOTrainer.compute_clip_bounds else f"{method.__module__}.{method.__qualname__}"
 
     def compute_clip_bounds(
         self, old_per_token_logps: torch.Tensor, inputs: dict
