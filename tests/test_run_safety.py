@@ -20,7 +20,7 @@ from bandpo_trl import BandGRPOConfig, BandGRPOTrainer, checkpoints
 from bandpo_trl.checkpoints import checkpoint_problem, latest_complete_checkpoint, resolve_resume_checkpoint
 from bandpo_trl.train import ScriptArguments, main
 
-TINY = ["--model_name_or_path", "tiny"]  # the embedded default's model, built where `load_tiny` is called
+TINY = ["--model_name_or_path", "tiny"]  # the embedded default's model, built where `resolve_model_name` is called
 
 
 class ReachedModelLoad(Exception):
@@ -29,12 +29,12 @@ class ReachedModelLoad(Exception):
 
 @pytest.fixture
 def no_model_load(monkeypatch):
-    """`bandpo_trl.train.main` stops where the model would be built (the tiny model's warm-up)."""
+    """`bandpo_trl.train.main` stops where the model would be resolved (the tiny model is built there)."""
 
     def stop(*args, **kwargs):
         raise ReachedModelLoad
 
-    monkeypatch.setattr("bandpo_trl.train.load_tiny", stop)
+    monkeypatch.setattr("bandpo_trl.train.resolve_model_name", stop)
 
 
 def write_checkpoint(root: Path, step: int, settings: dict | None = None) -> Path:
