@@ -22,7 +22,10 @@ RECIPE = os.path.join(os.path.dirname(__file__), os.pardir, "recipes", "tiny", "
     [
         (["--dataset_names", "gsm9k"], "Unknown dataset 'gsm9k'. Known datasets: aime24, aime25, amc23"),
         (["--eval_benchmarks", "aime26"], "Unknown dataset 'aime26'"),
-        (["--reward_funcs", "toy_accuracy", "accuracy"], "Known rewards: arithmetic_accuracy, format, math_accuracy, toy_accuracy"),
+        (
+            ["--reward_funcs", "toy_accuracy", "accuracy"],
+            "Known rewards: arithmetic_accuracy, format, math_accuracy, toy_accuracy",
+        ),
     ],
 )
 def test_unknown_names_fail_before_any_training(tmp_path, override, message):
