@@ -101,7 +101,7 @@ def none(completions, **kwargs):
 
 
 def text(completions, **kwargs):
-    return [str(len(c)) for c in completions]
+    return ["1"] * len(completions)
 """
 
 
