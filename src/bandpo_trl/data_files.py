@@ -15,6 +15,7 @@ Example:
 Traceback (most recent call last):
 ...
 ValueError: q.jsonl (gsm8k): column 'question' is empty (null) in 1 of 1 rows (row 0, counting from 0); expected text in every row. Expected the columns of openai/gsm8k: question (text).
+
 ```
 """
 
