@@ -85,11 +85,21 @@ OVERRIDES = {
     "max_steps": (2, "two optimizer steps instead of 10 epochs"),
     "output_dir": (None, "a temporary directory"),
 }
+# `BANDPO_REAL_RECIPES_DEVICE=cuda` (benchmarks/gpu_check.sh) runs the recipes on the GPU: the `use_cpu` override
+# below is lifted, so the recipe's bf16, dtype, attention and gradient checkpointing run on CUDA as written.
+ON_GPU = os.environ.get("BANDPO_REAL_RECIPES_DEVICE", "cpu") == "cuda"
 # Added (not recipe keys): run on the CPU. The test also passes `--dataset_paths` (local files with the sources' real
 # columns for the recipe's dataset_names, which stay as written).
 ADDED = {
     "use_cpu": (True, "CI has no GPU; bf16, dtype bfloat16, sdpa and gradient checkpointing all run on the CPU"),
 }
+if ON_GPU:
+    ADDED = {}
+# The installed console script; a source tree without an install (the GPU check machine: PYTHONPATH=src) runs the
+# module it stands for.
+TRAIN_COMMAND = (
+    [str(BIN / "bandpo-train")] if (BIN / "bandpo-train").is_file() else [sys.executable, "-m", "bandpo_trl.train"]
+)
 
 
 def overrides_for(model_dir: Path, output_dir: Path) -> dict:
@@ -421,10 +431,14 @@ def test_paper_recipe_trains_two_steps(recipe, toy_models, local_data, tmp_path)
     model_id = config["model_name_or_path"]
     if model_id in SKIPPED_MODELS:
         pytest.skip(f"{model_id}: {SKIPPED_MODELS[model_id]}")
+    if ON_GPU:
+        import torch
+
+        assert torch.cuda.is_available(), "BANDPO_REAL_RECIPES_DEVICE=cuda, but torch sees no CUDA device"
     output_dir = tmp_path / "out"
     overrides = overrides_for(toy_models(model_id), output_dir)
     cmd = [
-        str(BIN / "bandpo-train"),
+        *TRAIN_COMMAND,
         "--config", str(recipe),
         *as_flags(overrides),
         "--dataset_paths", *(f"{name}={path}" for name, path in local_data.items()),

@@ -13,6 +13,8 @@ script_args, training_args, model_args, tiny_args = make_parser().parse_args_and
 
 from __future__ import annotations
 
+import argparse
+import functools
 import warnings
 from dataclasses import dataclass, field
 
@@ -20,8 +22,10 @@ from trl import ModelConfig, TrlParser
 
 from .config import BandGRPOConfig
 from .data import available_datasets
+from .data_files import check_dataset_paths
 from .evaluation.callback import IN_TRAINING_K, IN_TRAINING_NUM_PROBLEMS
 from .rewards import available_rewards
+from .utils import json_object
 
 
 @dataclass
@@ -115,8 +119,11 @@ class ScriptArguments:
         # A YAML scalar where a list is expected (`reward_funcs: toy_accuracy`) means a one-element list, not its
         # characters.
         for name in ("dataset_names", "reward_funcs", "eval_benchmarks"):
-            if isinstance(getattr(self, name), str):
-                setattr(self, name, [getattr(self, name)])
+            value = getattr(self, name)
+            if isinstance(value, str):
+                setattr(self, name, [value])
+            elif not isinstance(value, (list, tuple)) or not all(isinstance(item, str) for item in value):
+                raise ValueError(f"{name} must be a list of names (e.g. {name}: [a, b] in YAML), got {value!r}")
         if self.dataset_num_samples is not None and self.dataset_num_samples <= 0:
             raise ValueError(
                 f"dataset_num_samples must be a positive number of rows per dataset, got {self.dataset_num_samples}; "
@@ -140,6 +147,8 @@ class ScriptArguments:
                 UserWarning,
                 stacklevel=3,
             )
+        evaluated = self.eval_benchmarks if self.eval_every_steps > 0 else []
+        check_dataset_paths(self.dataset_paths, [*self.dataset_names, *evaluated], self._why_unused)
         if self.eval_benchmarks and self.eval_every_steps == 0:
             warnings.warn(
                 f"eval_benchmarks={self.eval_benchmarks} is set but eval_every_steps=0, so no benchmark will be "
@@ -147,6 +156,15 @@ class ScriptArguments:
                 UserWarning,
                 stacklevel=3,
             )
+
+    def _why_unused(self, name: str) -> str:
+        if name in self.eval_benchmarks:
+            return f"{name} is in eval_benchmarks, but eval_every_steps=0 evaluates nothing during training"
+        return (
+            f"it trains on {', '.join(self.dataset_names)}"
+            + (f" and evaluates {', '.join(self.eval_benchmarks)}" if self.eval_benchmarks else "")
+            + f". Remove the entry, or add {name} to dataset_names (training) or eval_benchmarks (evaluation)"
+        )
 
 
 @dataclass
@@ -171,4 +189,28 @@ class TinyModelArguments:
 def make_parser() -> TrlParser:
     """The recipe parser: (`ScriptArguments`, `BandGRPOConfig`, `ModelConfig`, `TinyModelArguments`). A recipe's
     YAML keys (`--config`) set the defaults and command-line flags override them; unknown keys are errors."""
-    return TrlParser((ScriptArguments, BandGRPOConfig, ModelConfig, TinyModelArguments))
+    parser = TrlParser((ScriptArguments, BandGRPOConfig, ModelConfig, TinyModelArguments))
+    # TRL's `*_kwargs` options take a dict or a JSON string: a string that is not a JSON object is refused by the
+    # parser, naming the option, instead of failing after the model is built (or as a bare JSONDecodeError).
+    for action in parser._actions:
+        if action.dest in JSON_OBJECT_OPTIONS:
+            action.type = functools.partial(_json_object_option, action.dest)
+    return parser
+
+
+# The options of `BandGRPOConfig` that hold keyword arguments: a dict, or a JSON object on the command line.
+JSON_OBJECT_OPTIONS = (
+    "model_init_kwargs",
+    "generation_kwargs",
+    "chat_template_kwargs",
+    "lr_scheduler_kwargs",
+    "gradient_checkpointing_kwargs",
+    "activation_checkpointing_kwargs",
+)
+
+
+def _json_object_option(name: str, value):
+    try:
+        return json_object(name, value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error).replace(f"{name} must", "must", 1)) from error

@@ -27,15 +27,25 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from datasets import Dataset, concatenate_datasets, load_dataset
+from datasets import Dataset, Features, List, Value, concatenate_datasets, load_dataset
 
 from .arithmetic import ARITHMETIC_DATASETS, generate_arithmetic
+from .data_files import (
+    ANSWER,
+    ID,
+    TEXT,
+    Column,
+    check_rows,
+    expected_columns,
+    load_local_dataset,
+    no_rows_kept,
+    parse_dataset_paths,
+)
 from .rewards import last_boxed_content
 
 if TYPE_CHECKING:
@@ -189,27 +199,75 @@ def generate_toy_arithmetic(num_samples: int, seed: int = 0, split: str = "train
 
 @dataclass(frozen=True)
 class DatasetSource:
-    """Where a named dataset lives on the Hub and how its rows map to (prompt, answer, problem_id)."""
+    """Where a named dataset lives on the Hub, the columns its rows must have (`columns`, checked before mapping, see
+    `bandpo_trl.data_files.check_rows`) and how they map to (prompt, answer, problem_id). `keep_row`, when set,
+    filters the rows first; `kept` says which it keeps and `kept_by` names the column that decides (for the message
+    when none is kept)."""
 
     path: str
     config: str | None
     split: str
     map_row: Callable[[dict], dict]
+    columns: dict[str, Column]
     keep_row: Callable[[dict], bool] | None = None
+    kept: str = ""
+    kept_by: str | None = None
 
+    @property
+    def layout(self) -> str:
+        """The source's layout as messages name it, e.g. `"openai/gsm8k (config main)"`."""
+        return self.path + (f" (config {self.config})" if self.config else "")
+
+
+# The mapped rows of every Hub source: a conversational prompt, the gold answer and the problem id, all text.
+MAPPED_FEATURES = Features(
+    {
+        "prompt": List({"role": Value("string"), "content": Value("string")}),
+        "answer": Value("string"),
+        "problem_id": Value("string"),
+    }
+)
+
+
+def _has_final_answer_line(solution: str) -> bool:
+    return "####" in solution and bool(solution.split("####")[-1].strip())
+
+
+GSM8K_SOLUTION = Column((str,), "the worked solution ending in '#### <final answer>'", _has_final_answer_line)
 
 DATASET_SOURCES: dict[str, DatasetSource] = {
     # Training sets (docs/method.md §7.3). The English, deduplicated DAPO-Math-17k.
-    "dapo_math_17k": DatasetSource("open-r1/DAPO-Math-17k-Processed", "en", "train", map_dapo_math_17k_row),
-    "math_l3_5": DatasetSource(
-        "DigitalLearningGmbH/MATH-lighteval", "default", "train", map_math_row, is_math_train_row
+    "dapo_math_17k": DatasetSource(
+        "open-r1/DAPO-Math-17k-Processed",
+        "en",
+        "train",
+        map_dapo_math_17k_row,
+        {"prompt": Column((str,), "the problem in the DAPO instruction"), "solution": ANSWER},
     ),
-    "gsm8k": DatasetSource("openai/gsm8k", "main", "train", map_gsm8k_row),
+    "math_l3_5": DatasetSource(
+        "DigitalLearningGmbH/MATH-lighteval",
+        "default",
+        "train",
+        map_math_row,
+        {"problem": TEXT, "level": Column((str,), "text such as 'Level 3'"), "solution": TEXT},
+        keep_row=is_math_train_row,
+        kept=f"the problems of level {', '.join(map(repr, MATH_TRAIN_LEVELS))} whose solution has a \\boxed{{}} answer",
+        kept_by="level",
+    ),
+    "gsm8k": DatasetSource(
+        "openai/gsm8k", "main", "train", map_gsm8k_row, {"question": TEXT, "answer": GSM8K_SOLUTION}
+    ),
     # Evaluation sets.
-    "aime24": DatasetSource("HuggingFaceH4/aime_2024", None, "train", map_aime24_row),
-    "aime25": DatasetSource("math-ai/aime25", None, "test", map_aime25_row),
-    "amc23": DatasetSource("math-ai/amc23", None, "test", map_amc23_row),
-    "math500": DatasetSource("HuggingFaceH4/MATH-500", None, "test", map_math500_row),
+    "aime24": DatasetSource(
+        "HuggingFaceH4/aime_2024", None, "train", map_aime24_row, {"id": ID, "problem": TEXT, "answer": ANSWER}
+    ),
+    "aime25": DatasetSource(
+        "math-ai/aime25", None, "test", map_aime25_row, {"problem": TEXT, "answer": ANSWER, "id": ID}
+    ),
+    "amc23": DatasetSource("math-ai/amc23", None, "test", map_amc23_row, {"question": TEXT, "answer": ANSWER}),
+    "math500": DatasetSource(
+        "HuggingFaceH4/MATH-500", None, "test", map_math500_row, {"problem": TEXT, "answer": ANSWER, "unique_id": ID}
+    ),
 }
 TRAIN_DATASETS = ("dapo_math_17k", "math_l3_5", "gsm8k", "toy_arithmetic", *ARITHMETIC_DATASETS)
 EVAL_DATASETS = ("aime24", "aime25", "amc23", "math500", "toy_arithmetic", *ARITHMETIC_DATASETS)
@@ -241,8 +299,11 @@ def load_named_dataset(
             repository (e.g. from `hf download --repo-type dataset`), read with `load_dataset(path, config)`.
 
     Raises:
-        ValueError: unknown `name` (the message lists the known ones), `num_samples` <= 0, or rows whose prompt is
-            empty (the message counts them and names the first few).
+        ValueError: unknown `name` (the message lists the known ones), `num_samples` <= 0, a local `path` that
+            cannot be read, rows that lack a column of the source (`DatasetSource.columns`) or hold an empty or
+            wrongly typed value in one, a filter that keeps no row, or rows whose prompt is empty; each message names
+            the file (or Hub repository) and the dataset (see `bandpo_trl.data_files`).
+        RuntimeError: the Hub copy cannot be loaded (e.g. offline); the message suggests `dataset_paths`.
     """
     if num_samples is not None and num_samples <= 0:
         raise ValueError(f"num_samples must be a positive number of rows, got {num_samples} (None keeps every row)")
@@ -258,75 +319,39 @@ def load_named_dataset(
     if name not in DATASET_SOURCES:
         raise ValueError(f"Unknown dataset {name!r}. Known datasets: {', '.join(available_datasets())}")
     source = DATASET_SOURCES[name]
+    split = split or source.split
     if path is None:
-        dataset = load_dataset(source.path, source.config, split=split or source.split)
+        where = f"{source.path} on the Hub"
+        try:
+            dataset = load_dataset(source.path, source.config, split=split)
+        except Exception as error:
+            raise RuntimeError(
+                f"{name}: cannot load {source.layout} (split {split}) from the Hub: {type(error).__name__}: {error}. "
+                f"Without Hub access, give a local copy: --dataset_paths {name}=PATH (a data file or directory)."
+            ) from error
     else:
-        dataset = load_local_dataset(path, source.config, split or source.split)
+        where = path
+        dataset = load_local_dataset(path, source.config, split, name, expected_columns(source.columns, source.layout))
+    check_rows(dataset, name, source.columns, where, source.layout)
     if source.keep_row is not None:
-        dataset = dataset.filter(source.keep_row)
+        kept = dataset.filter(source.keep_row)
+        if len(kept) == 0:
+            raise no_rows_kept(dataset, name, where, source.kept, source.kept_by)
+        dataset = kept
     if num_samples is not None and num_samples < len(dataset):
         dataset = dataset.shuffle(seed=seed).select(range(num_samples))
-    dataset = dataset.map(source.map_row, remove_columns=dataset.column_names)
+    # Explicit output types: a source column of mixed types (an answer stored as text in some rows and as a number in
+    # others) is read as JSON, and `map` would keep that type for the mapped `answer`.
+    dataset = dataset.map(source.map_row, remove_columns=dataset.column_names, features=MAPPED_FEATURES)
     check_no_empty_prompts(dataset, name)
     return dataset
 
 
-def load_eval_dataset(name: str, num_problems: int | None = None, seed: int = 0) -> Dataset:
+def load_eval_dataset(name: str, num_problems: int | None = None, seed: int = 0, path: str | None = None) -> Dataset:
     """The problems of benchmark `name` (its evaluation split, `EVAL_SPLITS`): all of them, or a random subset of
-    `num_problems` drawn with `seed` (the toy task generates that many)."""
-    return load_named_dataset(name, split=EVAL_SPLITS.get(name), num_samples=num_problems, seed=seed)
-
-
-DATA_FILE_BUILDERS = {".parquet": "parquet", ".json": "json", ".jsonl": "json", ".csv": "csv", ".arrow": "arrow"}
-
-
-def load_local_dataset(path: str, config: str | None, split: str) -> Dataset:
-    """Rows of a named dataset from a local file or directory (see `load_named_dataset`'s `path`)."""
-    from datasets import DatasetDict, load_from_disk
-
-    if os.path.isfile(path):
-        builder = DATA_FILE_BUILDERS.get(os.path.splitext(path)[1].lower())
-        if builder is None:
-            raise ValueError(
-                f"{path}: unknown data file type; accepted: {', '.join(DATA_FILE_BUILDERS)} files or a directory"
-            )
-        return load_dataset(builder, data_files=path, split="train")
-    if not os.path.isdir(path):
-        raise FileNotFoundError(f"{path}: no such file or directory (a local dataset path)")
-    if os.path.isfile(os.path.join(path, "state.json")) or os.path.isfile(os.path.join(path, "dataset_dict.json")):
-        saved = load_from_disk(path)
-        if isinstance(saved, DatasetDict):
-            if split not in saved:
-                raise ValueError(f"{path}: no split {split!r}; it has {', '.join(saved)}")
-            return saved[split]
-        return saved
-    return load_dataset(path, config, split=split)
-
-
-def parse_dataset_paths(entries: list[str] | dict[str, str] | None) -> dict[str, str]:
-    """`["name=path", ...]` (CLI) or `{name: path}` (YAML) as a dict, each name checked against the datasets.
-
-    >>> parse_dataset_paths(["dapo_math_17k=/data/dapo.parquet"])
-    {'dapo_math_17k': '/data/dapo.parquet'}
-    """
-    if not entries:
-        return {}
-    if isinstance(entries, dict):
-        pairs = list(entries.items())
-    else:
-        pairs = []
-        for entry in [entries] if isinstance(entries, str) else entries:
-            name, sep, path = str(entry).partition("=")
-            if not sep or not name.strip() or not path.strip():
-                raise ValueError(f"dataset path {entry!r} is not of the form NAME=PATH (e.g. gsm8k=/data/gsm8k.jsonl)")
-            pairs.append((name.strip(), path.strip()))
-    for name, _ in pairs:
-        if name not in DATASET_SOURCES:
-            raise ValueError(
-                f"dataset path given for {name!r}, which is not a dataset with files; accepted: "
-                f"{', '.join(sorted(DATASET_SOURCES))}"
-            )
-    return dict(pairs)
+    `num_problems` drawn with `seed` (the toy task generates that many); from the local copy `path` when given (see
+    `load_named_dataset`)."""
+    return load_named_dataset(name, split=EVAL_SPLITS.get(name), num_samples=num_problems, seed=seed, path=path)
 
 
 def _prompt_is_empty(prompt) -> bool:

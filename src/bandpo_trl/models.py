@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from transformers import AutoTokenizer
 
 from .smollm2 import SMOLLM2_MODEL_NAME, smollm2_checkpoint
+from .utils import json_object
 
 if TYPE_CHECKING:
     from trl import ModelConfig
@@ -55,9 +56,11 @@ def load_tiny(tiny_args: TinyModelArguments, training_args: BandGRPOConfig) -> s
         max_steps=tiny_args.tiny_warmup_steps,
         learning_rate=tiny_args.tiny_warmup_learning_rate,
         seed=training_args.seed,
-        # The same mixed precision as the RL trainer that follows in this process (accelerate allows only one).
+        # The same mixed precision and device as the RL trainer that follows in this process (accelerate allows only
+        # one of each).
         bf16=training_args.bf16,
         fp16=training_args.fp16,
+        use_cpu=training_args.use_cpu,
     )
 
 
@@ -101,15 +104,16 @@ def resolve_model_name(name: str, training_args: BandGRPOConfig, tiny_args: Tiny
 
 def model_init_kwargs(model_args: ModelConfig, training_args: BandGRPOConfig) -> dict:
     """How TRL's trainer should load the policy (and the reference model), as TRL's own GRPO script builds it:
-    the `ModelConfig` options, updated by any `model_init_kwargs` of the recipe. The trainer then places the model
-    (device map, DeepSpeed/FSDP preparation, quantization) the way it does for any model id."""
+    the `ModelConfig` options, updated by any `model_init_kwargs` of the recipe (a dict or a JSON object string;
+    anything else raises `ValueError` naming it). The trainer then places the model (device map, DeepSpeed/FSDP
+    preparation, quantization) the way it does for any model id."""
     kwargs = {
         "revision": model_args.model_revision,
         "trust_remote_code": training_args.trust_remote_code,
         "attn_implementation": model_args.attn_implementation,
         "dtype": model_args.dtype,
     }
-    kwargs.update(training_args.model_init_kwargs or {})
+    kwargs.update(json_object("model_init_kwargs", training_args.model_init_kwargs) or {})
     return kwargs
 
 

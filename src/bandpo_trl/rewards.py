@@ -26,9 +26,13 @@ Example:
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
+import math
+import numbers
 import re
 import threading
+import warnings
 from collections.abc import Callable
 
 from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
@@ -128,6 +132,95 @@ def in_open_think(func: Callable[..., list[float]]) -> Callable[..., list[float]
         return func([OPEN_THOUGHT + completion_text(c) for c in completions], **kwargs)
 
     return scored_after_the_opener
+
+
+def _reward_output_problem(output, num_completions: int) -> str | None:
+    """What is wrong with a reward function's output for TRL, or None: one value per completion, each a finite number
+    or None (TRL's "not applicable", which it turns into NaN)."""
+    if not isinstance(output, (list, tuple)):
+        shown = "None" if output is None else f"{output!r} ({type(output).__name__})"
+        return f"returned {shown} instead of a list of {num_completions} rewards (one float or None per completion)"
+    if len(output) != num_completions:
+        return f"returned {len(output)} rewards for {num_completions} completions (one float or None per completion)"
+    for i, value in enumerate(output):
+        if value is None:
+            continue
+        if isinstance(value, numbers.Real) and math.isfinite(value):
+            continue
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        return f"returned {shown} ({type(value).__name__}) for completion {i}; a reward is a number or None"
+    return None
+
+
+def checked_reward(func: Callable[..., list[float]], name: str | None = None) -> Callable[..., list[float]]:
+    """`func` with its output checked on every call, so that a reward TRL cannot use fails at the first batch naming
+    the function (`name`, e.g. the import path a recipe gives; default: its `__name__`) and what it returned, not
+    deep inside TRL or torch: a list (or tuple, or 1-D tensor or array) with one finite number or None per completion.
+
+    None is TRL's "not applicable" (TRL turns it into NaN and averages the other rewards); a function that returns
+    None for every completion of a batch gets a warning, since that batch then has no signal from it. Keeps
+    `func.__name__` (TRL's metric names) and works for async reward functions.
+
+    >>> checked_reward(lambda completions, **kwargs: ["1"] * len(completions), "my_reward")(["a"])
+    Traceback (most recent call last):
+    ...
+    ValueError: reward function my_reward returned '1' (str) for completion 0; a reward is a number or None
+    """
+    label = name or getattr(func, "__name__", repr(func))
+
+    def check(output, completions):
+        if not isinstance(output, (list, tuple)) and hasattr(output, "tolist"):  # a tensor or an array
+            output = output.tolist()
+        problem = _reward_output_problem(output, len(completions))
+        if problem is not None:
+            raise ValueError(f"reward function {label} {problem}")
+        if output and all(value is None for value in output):
+            warnings.warn(
+                f"reward function {label} returned None for all {len(output)} completions of a batch: it gives this "
+                "batch no reward signal (TRL counts None as not applicable)",
+                UserWarning,
+                stacklevel=3,
+            )
+        return output
+
+    if inspect.iscoroutinefunction(func):
+
+        @functools.wraps(func)
+        async def checked_async(completions: list, **kwargs):
+            return check(await func(completions, **kwargs), completions)
+
+        return checked_async
+
+    @functools.wraps(func)
+    def checked(completions: list, **kwargs):
+        return check(func(completions, **kwargs), completions)
+
+    return checked
+
+
+def reward_summary(log_history: list[dict]) -> str | None:
+    """The line `bandpo-train` prints at the end of a run: the mean logged reward over the first and the last fifth
+    of the logged steps. Steps whose reward is missing (None or NaN: every reward function returned None) are
+    skipped; None when no step logged a reward at all.
+
+    >>> reward_summary([{"reward": 0.25}, {"reward": None}, {"reward": 0.75}])
+    'Mean reward: 0.250 over the first 1 logged steps -> 0.750 over the last 1.'
+    """
+    logged = [entry["reward"] for entry in log_history if "reward" in entry]
+    if not logged:
+        return None
+    rewards = [r for r in logged if isinstance(r, numbers.Real) and math.isfinite(r)]
+    if not rewards:
+        return (
+            "No finite reward was logged (every logged reward is None or NaN: see the warnings about the reward "
+            "functions)."
+        )
+    size = max(1, len(rewards) // 5)
+    head, tail = rewards[:size], rewards[-size:]
+    return (
+        f"Mean reward: {sum(head) / len(head):.3f} over the first {len(head)} logged steps -> "
+        f"{sum(tail) / len(tail):.3f} over the last {len(tail)}."
+    )
 
 
 def extract_answer(text: str) -> str | None:

@@ -117,14 +117,17 @@ def warm_up(
     seed: int = 0,
     bf16: bool = False,
     fp16: bool = False,
+    use_cpu: bool | None = None,
 ) -> PreTrainedModel:
     """Supervised warm-up with TRL's `SFTTrainer` on a prompt/completion `dataset` (loss on the completion only).
 
     Keep it short: the point is a policy that sometimes answers right and samples diverse answers, so that GRPO
     groups have non-zero advantages, not a solved task. Saves nothing; see `warm_up_cached` for the cached version.
 
-    `bf16`/`fp16` must be those of the RL run that follows in the same process: accelerate fixes the mixed precision
-    of a process the first time a trainer is built, and a later trainer asking for another one fails.
+    `bf16`/`fp16` and `use_cpu` must be those of the RL run that follows in the same process: accelerate fixes the
+    mixed precision and the device of a process the first time a trainer is built, and a later trainer asking for
+    others fails or, for the device, generates with the model on one device and its inputs on the other. `use_cpu`
+    None means the CPU only when there is no GPU.
     """
     from trl import SFTConfig, SFTTrainer
 
@@ -138,7 +141,7 @@ def warm_up(
         gradient_checkpointing=False,
         bf16=bf16,
         fp16=fp16,
-        use_cpu=not torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available() if use_cpu is None else use_cpu,
         logging_steps=max(1, max_steps // 5),
         save_strategy="no",
         report_to="none",

@@ -33,9 +33,10 @@ from .arguments import ScriptArguments, TinyModelArguments, make_parser
 from .checkpoints import check_clip_settings, check_output_dir, resolve_resume_checkpoint
 from .config import BandGRPOConfig
 from .data import available_datasets, check_enough_prompts, drop_long_prompts, load_train_dataset
+from .devices import check_launch_device
 from .evaluation import BenchmarkEvalCallback, SamplingSettings
 from .models import load_tokenizer, model_init_kwargs, resolve_model_name
-from .rewards import get_reward_funcs, in_open_think, open_thought_prefix
+from .rewards import checked_reward, get_reward_funcs, in_open_think, open_thought_prefix, reward_summary
 from .trainer import BandGRPOTrainer
 
 
@@ -51,7 +52,8 @@ def train(
     `trainer_cls` is the trainer built: `BandGRPOTrainer` or a subclass (e.g. one with your own bound rule)."""
     if script_args.torch_num_threads:
         torch.set_num_threads(script_args.torch_num_threads)
-    # Fail on a bad name now, not after a model download or the warm-up.
+    # Every input is checked, and the data read, before the model is built (the tiny model's warm-up) or loaded.
+    check_launch_device(training_args)
     reward_funcs = get_reward_funcs(script_args.reward_funcs)
     for name in [*script_args.dataset_names, *script_args.eval_benchmarks]:
         if name not in available_datasets():
@@ -66,23 +68,8 @@ def train(
     resume_from = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
     if resume_from is not None:
         check_clip_settings(resume_from, training_args, allow_change=script_args.allow_clip_change)
-
-    model_args.model_name_or_path = resolve_model_name(model_args.model_name_or_path, training_args, tiny_args)
-    tokenizer = load_tokenizer(
-        model_args.model_name_or_path,
-        revision=model_args.model_revision,
-        trust_remote_code=training_args.trust_remote_code,
-    )
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
-
-    train_dataset = drop_long_prompts(
-        load_train_dataset(script_args, training_args.seed), tokenizer, script_args.max_prompt_length
-    )
-    check_enough_prompts(train_dataset, training_args)
-    if open_thought_prefix(tokenizer, train_dataset[0]["prompt"]):
-        # DeepSeek-R1-Distill: the chat prompt opens the thought, so the rewards must see where the thought ends.
-        reward_funcs = [in_open_think(func) for func in reward_funcs]
-
+    train_dataset = load_train_dataset(script_args, training_args.seed)
     callbacks = []
     if script_args.eval_every_steps > 0 and script_args.eval_benchmarks:
         # The policy is evaluated as it samples in training.
@@ -92,15 +79,30 @@ def train(
             max_new_tokens=training_args.max_completion_length,
             seed=training_args.seed,
         )
-        callbacks.append(
-            BenchmarkEvalCallback(
-                benchmarks=script_args.eval_benchmarks,
-                every_n_steps=script_args.eval_every_steps,
-                k=script_args.eval_k,
-                num_problems=script_args.eval_num_problems,
-                sampling=sampling,
-            )
+        callback = BenchmarkEvalCallback(
+            benchmarks=script_args.eval_benchmarks,
+            every_n_steps=script_args.eval_every_steps,
+            k=script_args.eval_k,
+            num_problems=script_args.eval_num_problems,
+            sampling=sampling,
+            dataset_paths=script_args.dataset_paths,
         )
+        callback.load_datasets()
+        callbacks.append(callback)
+
+    model_args.model_name_or_path = resolve_model_name(model_args.model_name_or_path, training_args, tiny_args)
+    tokenizer = load_tokenizer(
+        model_args.model_name_or_path,
+        revision=model_args.model_revision,
+        trust_remote_code=training_args.trust_remote_code,
+    )
+    train_dataset = drop_long_prompts(train_dataset, tokenizer, script_args.max_prompt_length)
+    check_enough_prompts(train_dataset, training_args)
+    if open_thought_prefix(tokenizer, train_dataset[0]["prompt"]):
+        # DeepSeek-R1-Distill: the chat prompt opens the thought, so the rewards must see where the thought ends.
+        reward_funcs = [in_open_think(func) for func in reward_funcs]
+    # A reward TRL cannot use fails at the first batch, naming the function as the recipe does.
+    reward_funcs = [checked_reward(func, name) for func, name in zip(reward_funcs, script_args.reward_funcs)]
 
     trainer = trainer_cls(
         model=model_args.model_name_or_path,
@@ -125,13 +127,9 @@ def train(
     trainer.save_model(training_args.output_dir)  # model (or LoRA adapter) and tokenizer
     trainer.save_state()  # trainer_state.json: the full log history
     if trainer.accelerator.is_main_process:
-        rewards = [entry["reward"] for entry in trainer.state.log_history if "reward" in entry]
-        if rewards:
-            head, tail = rewards[: max(1, len(rewards) // 5)], rewards[-max(1, len(rewards) // 5) :]
-            trainer.accelerator.print(
-                f"Mean reward: {sum(head) / len(head):.3f} over the first {len(head)} logged steps -> "
-                f"{sum(tail) / len(tail):.3f} over the last {len(tail)}."
-            )
+        summary = reward_summary(trainer.state.log_history)
+        if summary:
+            trainer.accelerator.print(summary)
         trainer.accelerator.print(
             f"Model, tokenizer and logs (trainer_state.json) saved to {os.path.abspath(training_args.output_dir)}"
         )

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import importlib
+import json
 import math
 import os
 import sys
 from types import ModuleType
 from typing import Any
 
-__all__ = ["check_positive", "import_module", "import_object", "is_import_path"]
+__all__ = ["check_positive", "import_module", "import_object", "is_import_path", "json_object"]
 
 
 def is_import_path(name) -> bool:
@@ -94,3 +95,30 @@ def check_positive(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
     return float(value)
+
+
+def json_object(name: str, value) -> dict | None:
+    """``value`` as a dict: a dict or None as is, a string read as a JSON object; raise ``ValueError`` naming ``name``
+    and the value otherwise (an option such as ``model_init_kwargs`` that TRL would otherwise fail on much later).
+
+    Example:
+        >>> json_object("model_init_kwargs", '{"low_cpu_mem_usage": true}')
+        {'low_cpu_mem_usage': True}
+        >>> json_object("model_init_kwargs", "notjson")
+        Traceback (most recent call last):
+        ValueError: model_init_kwargs must be a JSON object such as '{"key": "value"}', got 'notjson' (not JSON: Expecting value at column 1)
+    """
+    if value is None or isinstance(value, dict):
+        return value
+    if isinstance(value, str):
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as error:
+            reason = f"not JSON: {error.msg} at column {error.colno}"
+        else:
+            if isinstance(parsed, dict):
+                return parsed
+            reason = f"a JSON {type(parsed).__name__}, not an object"
+    else:
+        reason = f"a {type(value).__name__}"
+    raise ValueError(f'{name} must be a JSON object such as \'{{"key": "value"}}\', got {value!r} ({reason})')

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from ..data import EVAL_DATASETS, available_datasets
+from ..data_files import check_dataset_paths
 from .generation import BACKENDS, parse_chat_template_kwargs
 from .sampling import SamplingSettings
 
@@ -14,6 +17,24 @@ logger = logging.getLogger(__name__)
 PAPER_BENCHMARKS = ("aime24", "aime25", "amc23")
 # The sampling defaults are those of `SamplingSettings`, the paper's evaluation.
 _SAMPLING = SamplingSettings()
+
+
+def expand_benchmarks(names: Sequence[str]) -> list[str]:
+    """The benchmark names in order, without repeats, `"all"` standing for every evaluation set
+    (`bandpo_trl.data.EVAL_DATASETS`).
+
+    Raises:
+        ValueError: an unknown name (the message lists the known ones)."""
+    expanded: list[str] = []
+    for name in names:
+        for item in EVAL_DATASETS if name == "all" else [name]:
+            if item not in expanded:
+                expanded.append(item)
+    known = set(available_datasets())
+    unknown = [name for name in expanded if name not in known]
+    if unknown:
+        raise ValueError(f"unknown benchmark(s) {unknown}; available: {sorted(known)}")
+    return expanded
 
 
 @dataclass
@@ -53,6 +74,15 @@ class EvalArguments:
             "help": "Benchmarks to evaluate, by dataset name (e.g. aime24 aime25 amc23 math500 toy_arithmetic; "
             "commas also separate names). 'all' means every evaluation set of `bandpo_trl.data.EVAL_DATASETS`. "
             "Defaults to the paper's AIME 2024, AIME 2025 and AMC 2023."
+        },
+    )
+    dataset_paths: list[str] = field(
+        default_factory=list,
+        metadata={
+            "help": "Local copies of the benchmarks, for machines without Hub access: NAME=PATH entries, as "
+            "`bandpo-train`'s dataset_paths (in YAML also a mapping name: path). PATH is a data file (.parquet, "
+            ".json, .jsonl, .csv, .arrow) with the source's columns, a `save_to_disk` directory or a local copy of "
+            "the Hub repository. Every entry must name an evaluated benchmark."
         },
     )
     k: int = field(
@@ -168,6 +198,12 @@ class EvalArguments:
         self.benchmarks = [name.strip() for item in self.benchmarks for name in str(item).split(",") if name.strip()]
         if not self.benchmarks:
             raise ValueError("`benchmarks` is empty")
+        evaluated = expand_benchmarks(self.benchmarks)
+        check_dataset_paths(
+            self.dataset_paths,
+            evaluated,
+            lambda name: f"it evaluates {', '.join(evaluated)}. Remove the entry or add {name} to --benchmarks",
+        )
         if self.k < 1:
             raise ValueError(f"`k` must be >= 1, got {self.k}")
         if self.pass_k is None:

@@ -16,6 +16,7 @@ from transformers import TrainerCallback
 from trl.models import unwrap_model_for_generation
 
 from ..data import load_eval_dataset
+from ..data_files import parse_dataset_paths
 from .generation import (
     Completion,
     TransformersGenerator,
@@ -153,6 +154,9 @@ class BenchmarkEvalCallback(TrainerCallback):
             (`<output_dir>/step-<N>/<benchmark>.jsonl`). Default: `<trainer output_dir>/benchmark_eval`.
         save_results (`bool`): write those files at all.
         datasets (`dict[str, Dataset]`, *optional*): datasets to use instead of `load_named_dataset(name)`.
+        dataset_paths (`dict[str, str]` or `list[str]`, *optional*): local copies of benchmarks, `{name: path}` or
+            `["name=path", ...]` (as `bandpo-train`'s `dataset_paths`, which it passes), for machines without Hub
+            access. Call [`~BenchmarkEvalCallback.load_datasets`] before training to read and check them up front.
         show_progress (`bool`, *optional*): show a sampling progress bar on the main process. Default: follow the
             trainer's `disable_tqdm` (and show it when `evaluate` is called directly).
         chat_template_kwargs (`dict` or JSON `str`, *optional*): extra arguments of the chat template for
@@ -189,6 +193,7 @@ class BenchmarkEvalCallback(TrainerCallback):
         show_progress: bool | None = None,
         chat_template_kwargs: dict[str, Any] | str | None = None,
         trainer=None,
+        dataset_paths: dict[str, str] | list[str] | None = None,
     ):
         if isinstance(benchmarks, str):
             benchmarks = [benchmarks]
@@ -207,6 +212,7 @@ class BenchmarkEvalCallback(TrainerCallback):
         self.output_dir = output_dir
         self.save_results = save_results
         self._datasets = dict(datasets or {})
+        self.dataset_paths = parse_dataset_paths(dataset_paths)
         self.show_progress = show_progress
         self.chat_template_kwargs = (
             None if chat_template_kwargs is None else parse_chat_template_kwargs(chat_template_kwargs)
@@ -226,9 +232,16 @@ class BenchmarkEvalCallback(TrainerCallback):
         callbacks.insert(0, self)
         return self
 
+    def load_datasets(self) -> list[Any]:
+        """Load (once) and return every benchmark's problems, from `dataset_paths` or the Hub: call it before training
+        so that a missing or bad benchmark fails before the model is trained, not at the first evaluation."""
+        return [self._dataset(name) for name in self.benchmarks]
+
     def _dataset(self, name: str):
         if name not in self._datasets:
-            self._datasets[name] = load_eval_dataset(name, num_problems=self.num_problems, seed=self.sampling.seed)
+            self._datasets[name] = load_eval_dataset(
+                name, num_problems=self.num_problems, seed=self.sampling.seed, path=self.dataset_paths.get(name)
+            )
         dataset = self._datasets[name]
         if self.num_problems is not None and len(dataset) > self.num_problems:
             dataset = dataset.select(range(self.num_problems))

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from .arguments import EvalArguments
-from .runner import run_evaluation
+from .runner import EvaluationFailed, run_evaluation
 from .scoring import format_results_table
 
 DESCRIPTION = "Benchmark evaluation as the BandPO paper reports it: k samples per problem, mean@k and pass@k."
@@ -26,7 +26,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     The flags are the fields of [`EvalArguments`] (`--config file.yaml` reads them from YAML). Writes
     `<output_dir>/<benchmark>.jsonl` and `<output_dir>/summary.json` and prints a Markdown table; any failure raises,
-    so the exit status is non-zero."""
+    so the exit status is non-zero (when some benchmarks failed, the table of the finished ones is printed first)."""
     from trl import TrlParser
 
     parser = TrlParser(dataclass_types=[EvalArguments], prog="bandpo-eval", description=DESCRIPTION)
@@ -35,7 +35,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.torch_num_threads:
         torch.set_num_threads(args.torch_num_threads)
-    summary = run_evaluation(args)
+    try:
+        summary = run_evaluation(args)
+    except EvaluationFailed as error:
+        if error.summary["results"]:
+            print(format_results_table(error.summary["results"], args.k, args.pass_k))
+        raise SystemExit(f"bandpo-eval: {error}") from error
     print(
         f"\nResults written to {summary['output_dir']} (k={args.k}, temperature={args.temperature}, "
         f"top_p={args.top_p}, backend={summary['backend']}):\n"

@@ -65,6 +65,12 @@ def resolve_model_and_adapter(model: str, adapter: str | None = None) -> tuple[s
     adapter_config = os.path.join(model, "adapter_config.json")
     if adapter is None and os.path.isfile(adapter_config) and not os.path.isfile(os.path.join(model, "config.json")):
         base = adapter_base_model(model)
+        if base and _looks_like_local_path(base) and not os.path.isdir(base):
+            raise FileNotFoundError(
+                f"--model {model} is a LoRA adapter whose base model {base} (base_model_name_or_path in its "
+                f"adapter_config.json) is no longer there; give the base model's location: --model BASE_MODEL "
+                f"--adapter {model}"
+            )
         if base:
             logger.info("%s is a LoRA adapter: evaluating its base model %s with the adapter applied", model, base)
             return base, model

@@ -12,19 +12,20 @@ import logging
 import os
 import re
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from ..data import EVAL_DATASETS, available_datasets, load_eval_dataset
+from ..data import load_eval_dataset
+from ..data_files import parse_dataset_paths
 from ..metrics import pass_at_k
 from ..models import load_tokenizer, tokenizer_source
 from ..rewards import open_thought_prefix
-from .arguments import EvalArguments
+from .arguments import EvalArguments, expand_benchmarks
 from .generation import TransformersGenerator, VLLMGenerator, encode_prompt, is_conversational_prompt, resolve_backend
 from .loading import check_local_checkpoint, load_model_and_tokenizer, resolve_model_and_adapter
-from .results import write_json, write_jsonl
+from .results import check_writable_dir, write_json, write_jsonl
 from .scoring import BenchmarkResult, get_checker, score_completions, summarize_benchmark
 
 logger = logging.getLogger(__name__)
@@ -98,19 +99,6 @@ def evaluate_benchmark(
     return BenchmarkResult(name=name, records=records, metrics=summarize_benchmark(records, k, pass_k))
 
 
-def _expand_benchmarks(names: Sequence[str]) -> list[str]:
-    expanded: list[str] = []
-    for name in names:
-        for item in EVAL_DATASETS if name == "all" else [name]:
-            if item not in expanded:
-                expanded.append(item)
-    known = set(available_datasets())
-    unknown = [name for name in expanded if name not in known]
-    if unknown:
-        raise ValueError(f"unknown benchmark(s) {unknown}; available: {sorted(known)}")
-    return expanded
-
-
 def _default_output_dir(args: EvalArguments) -> str:
     for path in (args.adapter, args.model):
         if path and os.path.isdir(path):
@@ -118,9 +106,24 @@ def _default_output_dir(args: EvalArguments) -> str:
     return os.path.join("eval_results", re.sub(r"[^A-Za-z0-9._-]+", "__", args.model))
 
 
+class EvaluationFailed(RuntimeError):
+    """Some benchmarks of [`run_evaluation`] failed; `summary` is what was written to `summary.json`: the finished
+    benchmarks' results and, under `"failed"`, each failed benchmark's error."""
+
+    def __init__(self, message: str, summary: dict[str, Any]):
+        super().__init__(message)
+        self.summary = summary
+
+
 def run_evaluation(args: EvalArguments, generator=None, tokenizer=None) -> dict[str, Any]:
     """
     Evaluate `args.model` (plus `args.adapter`) on `args.benchmarks`; write the results; return the summary.
+
+    Every input is checked before any model is loaded or anything generated: the output directory must be writable,
+    the model (and adapter) directories loadable, and every benchmark's problems are loaded (from the Hub, or from
+    `args.dataset_paths`). Each benchmark's `<benchmark>.jsonl` and the `summary.json` of the benchmarks finished so
+    far are written atomically as soon as it is done; a benchmark that fails is recorded in `summary.json` under
+    `"failed"` and the others still run.
 
     Args:
         args ([`EvalArguments`]): what to evaluate and how.
@@ -129,10 +132,14 @@ def run_evaluation(args: EvalArguments, generator=None, tokenizer=None) -> dict[
 
     Returns:
         `dict`: the content of `summary.json`: `{"config": ..., "backend": ..., "results": {benchmark: metrics}}`.
+
+    Raises:
+        EvaluationFailed: some benchmark failed; the message names each with its error, and where the results of
+            the finished ones are.
     """
     from transformers import set_seed
 
-    benchmarks = _expand_benchmarks(args.benchmarks)
+    benchmarks = expand_benchmarks(args.benchmarks)
     output_dir = args.output_dir or _default_output_dir(args)
     if generator is None:
         from ..smollm2 import resolve_smollm2_name
@@ -144,6 +151,14 @@ def run_evaluation(args: EvalArguments, generator=None, tokenizer=None) -> dict[
             args = dataclasses.replace(args, model=model, adapter=adapter)
         if args.adapter:
             check_local_checkpoint(args.adapter, "--adapter", adapter=True)
+    elif tokenizer is None:
+        raise ValueError("pass the tokenizer together with a custom generator")
+    check_writable_dir(output_dir)
+    paths = parse_dataset_paths(args.dataset_paths)
+    datasets = {
+        name: load_eval_dataset(name, num_problems=args.num_problems, seed=args.seed, path=paths.get(name))
+        for name in benchmarks
+    }
 
     backend = "custom" if generator is not None else resolve_backend(args.backend)
     start = time.perf_counter()
@@ -176,34 +191,42 @@ def run_evaluation(args: EvalArguments, generator=None, tokenizer=None) -> dict[
             generator = TransformersGenerator(
                 model, tokenizer, args.sampling, batch_size=args.batch_size, show_progress=args.show_progress
             )
-    elif tokenizer is None:
-        raise ValueError("pass the tokenizer together with a custom generator")
 
-    results: dict[str, dict[str, Any]] = {}
+    summary_path = os.path.join(output_dir, "summary.json")
+    summary: dict[str, Any] = {"config": dataclasses.asdict(args), "backend": backend, "results": {}}
+    failed: dict[str, str] = {}
     for name in benchmarks:
-        dataset = load_eval_dataset(name, num_problems=args.num_problems, seed=args.seed)
         set_seed(args.seed)  # each benchmark's samples do not depend on the ones evaluated before it
-        result = evaluate_benchmark(
-            name,
-            dataset,
-            generator,
-            tokenizer,
-            k=args.k,
-            pass_k=args.pass_k,
-            save_completions=args.save_completions,
-            show_progress=args.show_progress,
-            chat_template_kwargs=args.chat_template_kwargs,
-        )
-        write_jsonl(os.path.join(output_dir, f"{name}.jsonl"), result.records)
-        results[name] = result.metrics
-        logger.info("%s: %s", name, json.dumps(result.metrics))
+        try:
+            result = evaluate_benchmark(
+                name,
+                datasets[name],
+                generator,
+                tokenizer,
+                k=args.k,
+                pass_k=args.pass_k,
+                save_completions=args.save_completions,
+                show_progress=args.show_progress,
+                chat_template_kwargs=args.chat_template_kwargs,
+            )
+            write_jsonl(os.path.join(output_dir, f"{name}.jsonl"), result.records)
+        except Exception as error:  # the other benchmarks still run; the failure is reported at the end
+            logger.exception("%s failed", name)
+            failed[name] = f"{type(error).__name__}: {error}"
+            summary["failed"] = failed
+        else:
+            summary["results"][name] = result.metrics
+            logger.info("%s: %s", name, json.dumps(result.metrics))
+        summary["elapsed_s"] = round(time.perf_counter() - start, 3)
+        write_json(summary_path, summary)  # after every benchmark: a killed run keeps what finished
 
-    summary = {
-        "config": dataclasses.asdict(args),
-        "backend": backend,
-        "elapsed_s": round(time.perf_counter() - start, 3),
-        "results": results,
-    }
-    write_json(os.path.join(output_dir, "summary.json"), summary)
     summary["output_dir"] = output_dir
+    if failed:
+        finished = ", ".join(summary["results"]) or "none"
+        raise EvaluationFailed(
+            f"{len(failed)} of {len(benchmarks)} benchmarks failed: "
+            + "; ".join(f"{name}: {error}" for name, error in failed.items())
+            + f". Finished: {finished}; their results are in {summary_path}.",
+            summary,
+        )
     return summary
