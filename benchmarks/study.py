@@ -98,9 +98,19 @@ SETTINGS["e2s"] = {**SETTINGS["e2"], "train": {**SETTINGS["e2"]["train"], "learn
 QUICK = {"e1": {"max_steps": 40}, "e2": {"max_steps": 40}, "e2s": {"max_steps": 40}, "e2_probe_every": 20}
 
 
-def run_command(method: str, seed: int, model_dir: str, run_dir: Path, settings: dict) -> list[str]:
+def run_command(
+    method: str,
+    seed: int,
+    model_dir: str,
+    run_dir: Path,
+    settings: dict,
+    methods: dict = METHODS,
+    module: str = TASKS_MODULE,
+) -> list[str]:
+    """The command of one run: `module`'s entry point (`study_tasks.main`) with the task, the shared settings, the
+    task's training setting and the rule's options `methods[method]`."""
     return [
-        sys.executable, "-m", TASKS_MODULE,
+        sys.executable, "-m", module,
         "--task", settings["task"],
         "--probe_every", str(settings["probe_every"]),
         "--model_name_or_path", model_dir,
@@ -108,7 +118,7 @@ def run_command(method: str, seed: int, model_dir: str, run_dir: Path, settings:
         "--seed", str(seed),
         *flag_args(COMMON),
         *flag_args(settings["train"]),
-        *flag_args(METHODS[method]),
+        *flag_args(methods[method]),
     ]  # fmt: skip
 
 
@@ -313,12 +323,16 @@ OUTCOMES = {
 PRIMARY = {"e1": ("band_kl", "steps_to_p05"), "e2": ("band_kl", "distinct_correct")}
 
 
-def summarize(task: str, metrics: dict[str, dict[int, dict]]) -> tuple[dict, str]:
-    """Per rule: mean and 95% CI over seeds of each outcome, and the paired difference from clip (same seed)."""
+def summarize(
+    task: str, metrics: dict[str, dict[int, dict]], outcomes: list | None = None, labels: dict = LABELS
+) -> tuple[dict, str]:
+    """Per rule: mean and 95% CI over seeds of each outcome, and the paired difference from clip (same seed).
+    `outcomes` defaults to the task's `OUTCOMES`."""
+    outcomes = OUTCOMES[task] if outcomes is None else outcomes
     summary, base = {}, metrics.get("clip", {})
     for method, per_seed in metrics.items():
         entry = {"seeds": sorted(per_seed)}
-        for key, _, lower_is_better, _ in OUTCOMES[task]:
+        for key, _, lower_is_better, _ in outcomes:
             values = {s: m[key] for s, m in per_seed.items()}
             entry[key] = {"per_seed": values, "ci": mean_ci(list(values.values()))}
             if method != "clip" and base:
@@ -331,25 +345,25 @@ def summarize(task: str, metrics: dict[str, dict[int, dict]]) -> tuple[dict, str
         censored = [k for k in ("p05_censored", "r09_censored") if any(m.get(k) for m in per_seed.values())]
         entry["censored"] = {k: sum(bool(m.get(k)) for m in per_seed.values()) for k in censored}
         summary[method] = entry
-    header = "| rule | seeds | " + " | ".join(label for _, label, _, _ in OUTCOMES[task]) + " |"
-    lines = [header, "|---" * (len(OUTCOMES[task]) + 2) + "|"]
+    header = "| rule | seeds | " + " | ".join(label for _, label, _, _ in outcomes) + " |"
+    lines = [header, "|---" * (len(outcomes) + 2) + "|"]
     for method, entry in summary.items():
-        cells = [fmt_ci(entry[key]["ci"], digits) for key, _, _, digits in OUTCOMES[task]]
-        lines.append(f"| {LABELS[method]} | {len(entry['seeds'])} | " + " | ".join(cells) + " |")
+        cells = [fmt_ci(entry[key]["ci"], digits) for key, _, _, digits in outcomes]
+        lines.append(f"| {labels[method]} | {len(entry['seeds'])} | " + " | ".join(cells) + " |")
     lines += ["", "Paired difference from clip (same seed), mean [95% CI], and the pre-registered call:", ""]
     lines += [header.replace("| seeds |", "| pairs |"), lines[1]]
     for method, entry in summary.items():
         if method == "clip":
             continue
         cells = []
-        for key, _, _, digits in OUTCOMES[task]:
+        for key, _, _, digits in outcomes:
             if "diff_ci" not in entry[key]:
                 cells.append("n/a")
                 continue
             text = fmt_ci(entry[key]["diff_ci"], digits, sign=True)
             cells.append(f"{text} ({entry[key]['call']})" if entry[key]["call"] else text)
-        pairs = len(entry[OUTCOMES[task][0][0]].get("diff_vs_clip", []))
-        lines.append(f"| {LABELS[method]} | {pairs} | " + " | ".join(cells) + " |")
+        pairs = len(entry[outcomes[0][0]].get("diff_vs_clip", []))
+        lines.append(f"| {labels[method]} | {pairs} | " + " | ".join(cells) + " |")
     censored = {m: e["censored"] for m, e in summary.items() if e["censored"]}
     if censored:
         lines += ["", f"Censored at the budget (threshold not reached; counted as the budget): {censored}"]
@@ -387,7 +401,9 @@ def step_curve(run: dict, key: str, window: int = 1, shift: int = 0) -> list[tup
     return list(zip([x - shift for x in xs], smooth(ys, window)))
 
 
-def plot_curves(path: Path, runs: dict, panels: list, title: str) -> Path:
+def plot_curves(
+    path: Path, runs: dict, panels: list, title: str, labels: dict = LABELS, colors: dict = COLORS
+) -> Path:
     """panels: (title, curve_fn(run) -> [(x, y)], log_y). One line per rule: mean over seeds, shaded 95% CI."""
     import matplotlib
 
@@ -398,10 +414,10 @@ def plot_curves(path: Path, runs: dict, panels: list, title: str) -> Path:
     for ax, (panel_title, curve_fn, log_y) in zip(axes, panels):
         for method, per_seed in runs.items():
             xs, mean, lo, hi = curve_ci([curve_fn(r) for r in per_seed.values()])
-            ax.plot(xs, mean, color=COLORS[method], label=LABELS[method], lw=1.3)
+            ax.plot(xs, mean, color=colors[method], label=labels[method], lw=1.3)
             if log_y:  # a t-interval can reach below 0; show it down to the axis
                 lo = [max(v, 1e-4) for v in lo]
-            ax.fill_between(xs, lo, hi, color=COLORS[method], alpha=0.15, lw=0)
+            ax.fill_between(xs, lo, hi, color=colors[method], alpha=0.15, lw=0)
         if log_y:
             ax.set_yscale("log")
             ax.set_ylim(bottom=5e-3)
@@ -416,7 +432,9 @@ def plot_curves(path: Path, runs: dict, panels: list, title: str) -> Path:
     return path
 
 
-def plot_buckets(path: Path, metrics: dict, panels: list, title: str) -> Path:
+def plot_buckets(
+    path: Path, metrics: dict, panels: list, title: str, labels: dict = LABELS, colors: dict = COLORS
+) -> Path:
     """panels: (title, metric key prefix). Bars: mean over seeds per old-probability bucket, error bars 95% CI."""
     import matplotlib
 
@@ -435,7 +453,7 @@ def plot_buckets(path: Path, metrics: dict, panels: list, title: str) -> Path:
                 [0.0 if math.isnan(c[1]) else c[0] - c[1] for c in cis],
                 [0.0 if math.isnan(c[2]) else c[2] - c[0] for c in cis],
             ]
-            ax.bar(xs, mean, width, yerr=err, capsize=2, color=COLORS[method], label=LABELS[method])
+            ax.bar(xs, mean, width, yerr=err, capsize=2, color=colors[method], label=labels[method])
         ax.set_xticks([j + width * (len(metrics) - 1) / 2 for j in range(len(BUCKETS))], [f"old {b}" for b in BUCKETS])
         ax.set_title(panel_title, fontsize=9)
         ax.grid(alpha=0.3, axis="y")

@@ -99,12 +99,25 @@ def e1_reward(completions: list, answer: list[str], **kwargs) -> list[float]:
 
 
 @torch.no_grad()
-def e1_rewarded_probs(model, tokenizer) -> list[float]:
-    """Probability of each prompt's rewarded answer as the first completion token (temperature 1)."""
-    ids = tokenizer([e1_prompt(i) for i in range(E1_NUM_PROMPTS)], return_tensors="pt")["input_ids"]
-    targets = torch.tensor([tokenizer.convert_tokens_to_ids(e1_rewarded(i)) for i in range(E1_NUM_PROMPTS)])
+def rewarded_probs(model, tokenizer, prompts: list[str], answers: list[str]) -> list[float]:
+    """Probability of each prompt's one-token answer as the first completion token (temperature 1). The prompts must
+    tokenize to the same length (no padding)."""
+    ids = tokenizer(prompts, return_tensors="pt")["input_ids"]
+    targets = torch.tensor([tokenizer.convert_tokens_to_ids(a) for a in answers])
     logits = model(input_ids=ids.to(model.device)).logits[:, -1].float()
     return logits.softmax(-1).gather(1, targets[:, None].to(logits.device))[:, 0].tolist()
+
+
+def e1_rewarded_probs(model, tokenizer) -> list[float]:
+    """Probability of each E1 prompt's rewarded answer as the first completion token (temperature 1)."""
+    prompts = [e1_prompt(i) for i in range(E1_NUM_PROMPTS)]
+    return rewarded_probs(model, tokenizer, prompts, [e1_rewarded(i) for i in range(E1_NUM_PROMPTS)])
+
+
+def e1_measure(model, tokenizer, step: int, k: int, seed: int) -> dict:
+    """E1's probe record: the exact p(rewarded) per prompt and its mean."""
+    probs = e1_rewarded_probs(model, tokenizer)
+    return {"p_rewarded": sum(probs) / len(probs), "p_per_prompt": probs}
 
 
 # ------------------------------------------------------------------------------------------------------------ E2
@@ -242,24 +255,25 @@ def e2_sample_held_out(model, tokenizer, k: int, seed: int) -> dict:
     }
 
 
+def e2_measure(model, tokenizer, step: int, k: int, seed: int) -> dict:
+    """E2's probe record: k held-out samples per prompt from a stream fixed by the run's seed and the step."""
+    return e2_sample_held_out(model, tokenizer, k, seed=seed * 100_003 + step)
+
+
 # ------------------------------------------------------------------------------------------------- probes, trainer
 
 
 class Probe(TrainerCallback):
-    """Measures the task's quantity at the start and every `every` optimizer steps; writes `<run>/probe.json`."""
+    """Measures the task's quantity (`measure(model, tokenizer, step, k, seed) -> dict`) at the start and every
+    `every` optimizer steps; writes `<run>/probe.json`."""
 
-    def __init__(self, task: str, tokenizer, output_dir: str, every: int, k: int, seed: int):
-        self.task, self.tokenizer, self.path = task, tokenizer, Path(output_dir) / "probe.json"
+    def __init__(self, measure, tokenizer, output_dir: str, every: int, k: int, seed: int):
+        self.measure_fn, self.tokenizer, self.path = measure, tokenizer, Path(output_dir) / "probe.json"
         self.every, self.k, self.seed = every, k, seed
         self.records: list[dict] = []
 
     def measure(self, model, step: int) -> None:
-        if self.task == "e1":
-            probs = e1_rewarded_probs(model, self.tokenizer)
-            record = {"p_rewarded": sum(probs) / len(probs), "p_per_prompt": probs}
-        else:
-            record = e2_sample_held_out(model, self.tokenizer, self.k, seed=self.seed * 100_003 + step)
-        self.records.append({"step": step, **record})
+        self.records.append({"step": step, **self.measure_fn(model, self.tokenizer, step, self.k, self.seed)})
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.measure(model, 0)
@@ -273,21 +287,27 @@ class Probe(TrainerCallback):
 
 
 class StudyTrainer(BandGRPOTrainer):
-    """`BandGRPOTrainer` plus two per-bucket counts of the positive-advantage tokens (in E1: the rewarded answers):
-    `study/pos_tokens/<bucket>` and `study/pos_clip_high/<bucket>` (ratio above the upper bound). Counts, so that a
-    run's fraction is a token-weighted sum over steps. Nothing else changes."""
+    """`BandGRPOTrainer` plus per-bucket counts of the positive-advantage tokens (in E1: the rewarded answers),
+    `study/pos_tokens/<bucket>` and `study/pos_clip_high/<bucket>` (ratio above the upper bound), and of the
+    negative-advantage tokens, `study/neg_tokens/<bucket>` and `study/neg_clip_low/<bucket>` (ratio below the lower
+    bound). Counts, so that a run's fraction is a token-weighted sum over steps. Nothing else changes."""
 
     def clip_metric_sums(self, old_logps, logps, lower, upper, advantages, mask):
         sums = super().clip_metric_sums(old_logps, logps, lower, upper, advantages, mask)
         if advantages.dim() == 1:
             advantages = advantages.unsqueeze(1)
+        ratio = torch.exp(logps - old_logps)
         positive = (advantages > 0).float() * mask
-        high = (torch.exp(logps - old_logps) > upper).float() * positive
+        negative = (advantages < 0).float() * mask
+        high = (ratio > upper).float() * positive
+        low = (ratio < lower).float() * negative
         probs = torch.exp(old_logps)
         for lo, hi, name in PROB_BUCKETS:
             bucket = in_bucket(probs, lo, hi)
             sums[f"study/pos_tokens/{name}"] = (bucket * positive).sum()
             sums[f"study/pos_clip_high/{name}"] = (bucket * high).sum()
+            sums[f"study/neg_tokens/{name}"] = (bucket * negative).sum()
+            sums[f"study/neg_clip_low/{name}"] = (bucket * low).sum()
         return sums
 
     def clip_metrics_from_sums(self, totals):
@@ -296,17 +316,38 @@ class StudyTrainer(BandGRPOTrainer):
         return metrics
 
 
+# A task: its warm-up rows, its training set (by seed), its reward function and its probe's measurement.
 TASKS = {
-    "e1": {"warmup_rows": e1_warmup_rows, "train_dataset": e1_train_dataset, "reward": e1_reward},
-    "e2": {"warmup_rows": e2_warmup_rows, "train_dataset": e2_train_dataset, "reward": e2_reward},
+    "e1": {
+        "warmup_rows": e1_warmup_rows,
+        "train_dataset": e1_train_dataset,
+        "reward": e1_reward,
+        "measure": e1_measure,
+    },
+    "e2": {
+        "warmup_rows": e2_warmup_rows,
+        "train_dataset": e2_train_dataset,
+        "reward": e2_reward,
+        "measure": e2_measure,
+    },
 }
 
 
-def warm_up_task(task: str, cache_dir: str | os.PathLike, steps: int, learning_rate: float, seed: int = 0) -> str:
-    """The task's supervised warm-up of the tiny model (`bandpo_trl.tiny.warm_up_cached`), shared by every run."""
+def warm_up_task(
+    task: str,
+    cache_dir: str | os.PathLike,
+    steps: int,
+    learning_rate: float,
+    seed: int = 0,
+    batch_size: int | None = None,
+    tasks: dict = TASKS,
+) -> str:
+    """The task's supervised warm-up of the tiny model (`bandpo_trl.tiny.warm_up_cached`), shared by every run;
+    `batch_size` None keeps `warm_up`'s default (64)."""
     from bandpo_trl.tiny import warm_up_cached
 
-    rows = TASKS[task]["warmup_rows"]()
+    rows = tasks[task]["warmup_rows"]()
+    extra = {} if batch_size is None else {"batch_size": batch_size}  # the cache key of the study's warm-ups is kept
     return warm_up_cached(
         str(cache_dir),
         Dataset.from_list(rows),
@@ -314,13 +355,14 @@ def warm_up_task(task: str, cache_dir: str | os.PathLike, steps: int, learning_r
         max_steps=steps,
         learning_rate=learning_rate,
         seed=seed,
+        **extra,
     )
 
 
-def main(argv: list[str] | None = None) -> BandGRPOTrainer:
+def main(argv: list[str] | None = None, tasks: dict = TASKS) -> BandGRPOTrainer:
     """One run: `bandpo_trl.train`'s options (parsed by its own parser) with the task's data, reward and probe."""
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("--task", choices=list(TASKS), required=True)
+    parser.add_argument("--task", choices=list(tasks), required=True)
     parser.add_argument("--probe_every", type=int, default=1)
     parser.add_argument("--probe_k", type=int, default=32)
     known, rest = parser.parse_known_args(argv)
@@ -333,9 +375,9 @@ def main(argv: list[str] | None = None) -> BandGRPOTrainer:
         trust_remote_code=training_args.trust_remote_code,
     )
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
-    task = TASKS[known.task]
+    task = tasks[known.task]
     probe = Probe(
-        known.task, tokenizer, training_args.output_dir, known.probe_every, known.probe_k, training_args.seed
+        task["measure"], tokenizer, training_args.output_dir, known.probe_every, known.probe_k, training_args.seed
     )
     trainer = StudyTrainer(
         model=model_args.model_name_or_path,
