@@ -17,7 +17,9 @@ import yaml
 from accelerate.commands.config.config_args import load_config_from_file
 from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 from datasets import Dataset
+from test_run_safety import write_checkpoint  # a complete checkpoint whose files load (tests/ is on sys.path)
 
+from bandpo_trl import checkpoints, train_async
 from bandpo_trl.async_config import BandAsyncGRPOConfig
 from bandpo_trl.data import MATH_PROMPT_TEMPLATE
 from bandpo_trl.stale_rollouts import SnapshotWeightTransfer, StaleRolloutWorker, cpu_async_grpo
@@ -130,6 +132,30 @@ def test_refusals_before_anything_is_loaded(tmp_path):
             main([*base, *extra, "--use_cpu", "true"])
 
 
+class ReachedTokenizerLoad(Exception):
+    """Raised where the entry point would load the tokenizer: every check before it passed."""
+
+
+def test_a_used_output_dir_and_a_changed_clip_rule_are_refused_before_anything_is_loaded(tmp_path, monkeypatch):
+    def reached(*args, **kwargs):
+        raise ReachedTokenizerLoad
+
+    monkeypatch.setattr(train_async, "load_tokenizer", reached)
+    out = tmp_path / "run"
+    base = ["--config", RECIPE, "--output_dir", str(out), "--use_cpu", "true"]
+    write_checkpoint(out, 4, settings=checkpoints.clip_settings(parse(base)[1]))
+    with pytest.raises(ValueError, match=r"already holds the outputs of an earlier run \(checkpoint-4\)"):
+        main(base)
+    resume = [*base, "--resume_from_checkpoint", "latest"]
+    with pytest.raises(ValueError, match=r"other clip settings: clip_rule 'band' -> 'clip'"):
+        main([*resume, "--clip_rule", "clip"])
+    with pytest.raises(ReachedTokenizerLoad):
+        main(resume)
+    with pytest.raises(ReachedTokenizerLoad):
+        main([*base, "--overwrite_output_dir", "true"])
+    assert not (out / "checkpoint-4").exists()
+
+
 def test_plain_text_prompts_are_refused(tiny_model_dir, tmp_path):
     argv = ["--config", RECIPE, "--model_name_or_path", str(tiny_model_dir), "--dataset_names", "toy_arithmetic"]
     argv += ["--reward_funcs", "toy_accuracy", "--output_dir", str(tmp_path), "--use_cpu", "true"]
@@ -193,6 +219,7 @@ def test_recipe_trains_two_steps_on_the_cpu(tiny_model_dir, math_files, tmp_path
     argv = ["--config", RECIPE, "--model_name_or_path", str(tiny_model_dir), "--dataset_paths", *math_files]
     argv += ["--output_dir", str(out), "--use_cpu", "true", "--max_steps", "2", "--max_completion_length", "8"]
     argv += ["--per_device_train_batch_size", "4", "--num_generations", "2", "--gradient_accumulation_steps", "2"]
+    argv += ["--save_steps", "2"]
     with cpu_async_grpo(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert main(argv) == 0
@@ -205,3 +232,5 @@ def test_recipe_trains_two_steps_on_the_cpu(tiny_model_dir, math_files, tmp_path
     assert len(logs) == 2 and all("band/upper_mean" in h and "band/staleness/1" in h for h in logs)
     assert logs[-1]["band/staleness/1"] == 1.0  # the second step's samples come from the first version
     assert (out / "model.safetensors").is_file() and (out / "tokenizer_config.json").is_file()
+    recorded = json.loads((out / "checkpoint-2" / checkpoints.CLIP_SETTINGS_NAME).read_text())
+    assert recorded["clip_rule"] == "band" and recorded["band_divergence"] == "kl"

@@ -425,6 +425,20 @@ def test_training_on_stale_samples_logs_band_and_staleness(tiny_model_dir, token
     assert max(log["clip_ratio/region_mean"] for log in logs) > 0
 
 
+def test_model_card_names_bandpo_and_cites_both_papers(tiny_model_dir, tokenizer, tiny_train_dataset, tmp_path):
+    args = config(BandAsyncGRPOConfig, tmp_path)
+    trainer, worker = build(BandAsyncGRPOTrainer, args, tiny_model_dir, tokenizer, tiny_train_dataset)
+    trainer.create_model_card(model_name="tiny-bandpo-async")
+    card = (tmp_path / "out" / "README.md").read_text()
+    header = card.split("---")[1]
+    assert "- bandpo" in header and "- async-grpo" in header and "- trl" in header
+    assert "This model was trained with BandPO, a method introduced in [BandPO: Bridging Trust Regions" in card
+    assert "eprint       = {arXiv:2603.04918}" in card
+    assert "shao2024deepseekmath" in card  # the asynchronous trainer's own citation stays
+    assert BandAsyncGRPOTrainer._tag_names == ["trl", "async-grpo", "bandpo"]
+    assert AsyncGRPOTrainer._tag_names == ["trl", "async-grpo"]
+
+
 def test_staleness_distribution():
     assert staleness_distribution([0.0, 2.0, 2.0, 1.0], 3) == {
         "band/staleness/0": 0.25,

@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import collections
 import math
-import warnings
 
 import torch
 
 from .async_config import AsyncGRPOTrainer, validate_async_band_options
-from .clip_metrics import band_metrics, clip_metric_sums, invalid_bounds, token_bounds
-from .clip_rules import ClipRule, get_clip_rule
-from .config import band_option, with_band_defaults
+from .clip_metrics import token_bounds
+from .clip_rules import get_clip_rule
+from .clip_trainer import ClipRuleTrainerMixin, bandpo_paper, default_bounds
+from .config import band_option
 
 __all__ = ["BandAsyncGRPOTrainer", "staleness_distribution"]
 
@@ -59,7 +59,7 @@ class _KeepLogProbs:
         return getattr(self._model, name)
 
 
-class BandAsyncGRPOTrainer(AsyncGRPOTrainer):
+class BandAsyncGRPOTrainer(ClipRuleTrainerMixin, AsyncGRPOTrainer):
     """TRL's experimental [`~trl.experimental.async_grpo.AsyncGRPOTrainer`] whose ratio clip is a per-token rule.
 
     Drop-in: same constructor as `AsyncGRPOTrainer` (a vLLM server started with `trl vllm-serve`, or a custom
@@ -93,32 +93,21 @@ class BandAsyncGRPOTrainer(AsyncGRPOTrainer):
     ```
     """
 
+    # The model card names and cites BandPO, and TRL's asynchronous GRPO.
+    _tag_names = [*AsyncGRPOTrainer._tag_names, "bandpo"]
+    _paper = bandpo_paper(AsyncGRPOTrainer._paper)
+    _clipped_tokens = "trained tokens"
+
     def __init__(self, model, reward_funcs=None, args=None, *more_args, **kwargs):
-        custom_bounds = type(self).compute_clip_bounds is not BandAsyncGRPOTrainer.compute_clip_bounds
         if args is not None:  # before the (slow) model load; a plain AsyncGRPOConfig is checked here too
-            self._check_custom_bounds(validate_async_band_options(args), custom_bounds)
+            self._refuse_unapplied_override(validate_async_band_options(args))
         super().__init__(model, reward_funcs, args, *more_args, **kwargs)
         if args is None:  # TRL built its default AsyncGRPOConfig
-            rule = validate_async_band_options(self.args)
+            self._set_clip_rule(validate_async_band_options(self.args))
         else:
-            rule = get_clip_rule(band_option(self.args, "clip_rule"))
-        self._check_custom_bounds(rule, custom_bounds)
-        self.clip_rule: ClipRule = rule
-        # TRL's loss keeps its own scalar clip for TRL's rule; every other rule's bounds are swapped in per token.
-        self.applies_token_bounds = custom_bounds or not rule.trl_clip
-        self._clip_args = with_band_defaults(self.args)
-        self._bounds_checked = False  # the first micro-batch is checked once, as in BandGRPOTrainer
-        self._warned_invalid_bounds = False
+            self._set_clip_rule(get_clip_rule(band_option(self.args, "clip_rule")))
 
-    def _check_custom_bounds(self, rule: ClipRule, custom_bounds: bool) -> None:
-        if rule.trl_clip and custom_bounds:
-            method = type(self).compute_clip_bounds
-            raise ValueError(
-                f"{method.__module__}.{method.__qualname__} overrides the clip bounds, but clip_rule={rule.name!r} is "
-                "TRL's own fixed clip, which this trainer leaves to TRL's loss, so the override would never be "
-                "applied. Set clip_rule to another rule (e.g. 'band') to apply the overridden bounds."
-            )
-
+    @default_bounds
     def compute_clip_bounds(
         self, old_log_probs: torch.Tensor, inputs: dict
     ) -> tuple[torch.Tensor | float, torch.Tensor | float]:
@@ -141,7 +130,7 @@ class BandAsyncGRPOTrainer(AsyncGRPOTrainer):
         if self.applies_token_bounds:
             lower, upper = token_bounds(lower, old_log_probs), token_bounds(upper, old_log_probs)
             if not self._bounds_checked:
-                self._check_bounds_once(old_log_probs, lower, upper)
+                self._check_bounds_once(old_log_probs, lower, upper, torch.ones_like(old_log_probs))
         forward = _KeepLogProbs(model)
         scalar_epsilons = self.epsilon_low, self.epsilon_high
         if self.applies_token_bounds:
@@ -154,73 +143,11 @@ class BandAsyncGRPOTrainer(AsyncGRPOTrainer):
             self.epsilon_low, self.epsilon_high = scalar_epsilons
         log_probs = forward.log_probs.flatten()[inputs["token_index"][trained]].unsqueeze(0)
         advantages = inputs["advantages"][trained].unsqueeze(0)
-        self._log_clip_metrics(old_log_probs, log_probs, lower, upper, advantages)
-        return loss
-
-    def _bounds_source(self) -> str:
-        """What produced the bounds, for messages: the overriding method, or the registered rule."""
-        method = type(self).compute_clip_bounds
-        if method is not BandAsyncGRPOTrainer.compute_clip_bounds:
-            return f"{method.__module__}.{method.__qualname__}"
-        function = self.clip_rule.bounds
-        return f"clip rule {self.clip_rule.name!r} ({function.__module__}.{function.__qualname__})"
-
-    @torch.no_grad()
-    def _check_bounds_once(self, old_log_probs, lower, upper) -> None:
-        """On the first micro-batch: raise if any trained token gets an interval that excludes 1 (one reduction)."""
-        self._bounds_checked = True
-        invalid = invalid_bounds(old_log_probs, lower, upper)
-        counts = torch.stack([invalid.sum().float(), torch.tensor(float(invalid.numel()), device=invalid.device)])
-        n_invalid, n_tokens = self.accelerator.reduce(counts, reduction="sum").tolist()
-        if n_invalid == 0:
-            return
-        example = ""
-        if invalid.any():  # this process's share may be empty when another process found the violation
-            index = invalid.flatten().nonzero()[0, 0]
-            lo, up, logp = (t.flatten()[index].item() for t in (lower, upper, old_log_probs))
-            example = f"; e.g. lower = {lo:.6g}, upper = {up:.6g} for a token of old probability {math.exp(logp):.6g}"
-        raise ValueError(
-            f"{self._bounds_source()} returned ratio bounds that violate lower <= 1 <= upper for "
-            f"{n_invalid / max(n_tokens, 1.0):.1%} of the trained tokens ({int(n_invalid)} of {int(n_tokens)}) of the "
-            f"first micro-batch{example}. An interval that excludes ratio 1 clips tokens the policy has not moved; "
-            "return lower <= 1 <= upper (e.g. lower.clamp(max=1), upper.clamp(min=1))"
+        # TRL's asynchronous loss logs its own metrics under "train"; every trained token counts (mask all ones).
+        self._log_clip_sums(
+            old_log_probs, log_probs, lower, upper, advantages, torch.ones_like(old_log_probs), self._metrics["train"]
         )
-
-    def clip_metric_sums(self, old_logps, logps, lower, upper, advantages, mask) -> dict[str, torch.Tensor]:
-        """The token sums of one micro-batch behind the logged clip metrics, as in
-        [`BandGRPOTrainer.clip_metric_sums`]; here every tensor is (1, M) over the trained tokens (mask all ones).
-        Override to add sums of your own, and turn them into metrics in `clip_metrics_from_sums`."""
-        return clip_metric_sums(old_logps, logps, lower, upper, advantages, mask)
-
-    def clip_metrics_from_sums(self, totals: dict[str, float]) -> dict[str, float]:
-        """The metrics logged for one micro-batch (`band/*`), from the reduced totals of `clip_metric_sums`."""
-        return band_metrics(totals)
-
-    @torch.no_grad()
-    def _log_clip_metrics(self, old_log_probs, log_probs, lower, upper, advantages) -> None:
-        lower, upper = token_bounds(lower, old_log_probs), token_bounds(upper, old_log_probs)
-        mask = torch.ones_like(old_log_probs)
-        sums = self.clip_metric_sums(old_log_probs, log_probs, lower, upper, advantages, mask)
-        # One reduction and one host transfer for all of them.
-        values = self.accelerator.reduce(torch.stack(list(sums.values())).float(), reduction="sum").tolist()
-        totals = dict(zip(sums, values, strict=True))
-        metrics = self._metrics["train"]  # where TRL's asynchronous loss logs its own metrics
-        for name, value in self.clip_metrics_from_sums(totals).items():
-            metrics[name].append(value)
-        if (
-            totals["invalid"] > 0
-            and not self._warned_invalid_bounds
-            and self.applies_token_bounds
-            and self.accelerator.is_main_process
-        ):
-            self._warned_invalid_bounds = True
-            warnings.warn(
-                f"{self._bounds_source()} returned ratio bounds that violate lower <= 1 <= upper for "
-                f"{totals['invalid'] / max(totals['tokens'], 1.0):.1%} of the trained tokens of this micro-batch "
-                "(logged as band/invalid_bounds; warned once)",
-                UserWarning,
-                stacklevel=1,  # the trainer's own line: the caller is TRL's training loop
-            )
+        return loss
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self.model.training:

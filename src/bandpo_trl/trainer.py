@@ -11,24 +11,18 @@ aggregation, ``top_entropy_quantile``, vLLM importance-sampling correction, grad
 
 from __future__ import annotations
 
-import math
-import os
-import textwrap
-import warnings
-
 import torch
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from trl import GRPOTrainer
 
-from .checkpoints import clip_settings, warn_on_earlier_run, write_clip_settings
-from .clip_metrics import PROB_BUCKETS, band_metrics, clip_metric_sums, invalid_bounds, token_bounds
-from .clip_rules import ClipRule, get_clip_rule
-from .config import band_option, is_validated, validate_band_options, with_band_defaults
+from .clip_metrics import PROB_BUCKETS, token_bounds
+from .clip_rules import get_clip_rule
+from .clip_trainer import ClipRuleTrainerMixin, bandpo_paper, default_bounds
+from .config import band_option, is_validated, validate_band_options
 
 __all__ = ["PROB_BUCKETS", "BandGRPOTrainer"]
 
 
-class BandGRPOTrainer(GRPOTrainer):
+class BandGRPOTrainer(ClipRuleTrainerMixin, GRPOTrainer):
     """[`~trl.GRPOTrainer`] whose ratio clip is the per-token Band interval of BandPO.
 
     Drop-in: same constructor as `GRPOTrainer`. With a [`BandGRPOConfig`] the clipping rule is configurable
@@ -68,76 +62,22 @@ class BandGRPOTrainer(GRPOTrainer):
     """
 
     # The model card (`create_model_card`, also written with every checkpoint) names and cites BandPO, and GRPO.
-    _tag_names = ["trl", "grpo", "bandpo"]
-    _name = "BandPO"
-    _paper = {
-        "title": "BandPO: Bridging Trust Regions and Ratio Clipping via Probability-Aware Bounds for LLM "
-        "Reinforcement Learning",
-        "id": "2603.04918",
-        # docstyle-ignore
-        "citation": textwrap.dedent("""\
-            @article{li2026bandpo,
-                title        = {{BandPO: Bridging Trust Regions and Ratio Clipping via Probability-Aware Bounds for LLM Reinforcement Learning}},
-                author       = {Li and others},
-                year         = 2026,
-                eprint       = {arXiv:2603.04918},
-            }
-            """)
-        + "\n"
-        + GRPOTrainer._paper["citation"],
-    }
+    _tag_names = [*GRPOTrainer._tag_names, "bandpo"]
+    _paper = bandpo_paper(GRPOTrainer._paper)
 
     def __init__(self, model, reward_funcs=None, args=None, *more_args, **kwargs):
-        if args is not None and not is_validated(args):
-            validate_band_options(args)  # before the (slow) model load; a plain GRPOConfig is checked here too
-        custom_bounds = type(self).compute_clip_bounds is not BandGRPOTrainer.compute_clip_bounds
-        rule = get_clip_rule(band_option(args, "clip_rule")) if args is not None else None
-        if rule is not None and rule.trl_clip and custom_bounds:
-            raise self._custom_bounds_with_trl_clip(rule)
+        if args is not None:
+            if not is_validated(args):
+                validate_band_options(args)  # before the (slow) model load; a plain GRPOConfig is checked here too
+            self._refuse_unapplied_override(get_clip_rule(band_option(args, "clip_rule")))
         super().__init__(model, reward_funcs, args, *more_args, **kwargs)
-        if args is None:
+        if args is None:  # TRL built its default GRPOConfig
             validate_band_options(self.args)
-            rule = get_clip_rule(band_option(self.args, "clip_rule"))
-            if rule.trl_clip and custom_bounds:
-                raise self._custom_bounds_with_trl_clip(rule)
-        self.clip_rule: ClipRule = rule
-        # TRL's loss keeps its own scalar clip for TRL's rule; every other rule's bounds are swapped in per token.
-        self.applies_token_bounds = custom_bounds or not rule.trl_clip
-        self._clip_args = with_band_defaults(self.args)
+        self._set_clip_rule(get_clip_rule(band_option(self.args, "clip_rule")))
         self._current_logps = None
         self._capture_logps = False
-        self._bounds_checked = False  # the first micro-batch with old log-probs is checked once (see the docstring)
-        self._warned_invalid_bounds = False
 
-    def _custom_bounds_with_trl_clip(self, rule: ClipRule) -> ValueError:
-        method = type(self).compute_clip_bounds
-        return ValueError(
-            f"{method.__module__}.{method.__qualname__} overrides the clip bounds, but clip_rule={rule.name!r} is "
-            "TRL's own fixed clip, which this trainer leaves to TRL's loss, so the override would never be applied. "
-            "Set clip_rule to another rule (e.g. 'band') to apply the overridden bounds."
-        )
-
-    def train(self, resume_from_checkpoint=None, trial=None, ignore_keys_for_eval=None):
-        """`Trainer.train`, after two warnings (`Trainer` semantics: nothing is refused here, unlike the
-        `bandpo-train` entry point): when a fresh run is about to write over an earlier run's checkpoints or model in
-        `output_dir`, and when the checkpoint resumed was trained with other clip settings (naming each)."""
-        warn_on_earlier_run(self.args, resume_from_checkpoint, self._overriding_bounds())
-        return super().train(resume_from_checkpoint, trial, ignore_keys_for_eval)
-
-    def _save_checkpoint(self, model, trial):
-        # The clip settings go in first: Trainer writes trainer_state.json last, and a checkpoint without it is
-        # incomplete (bandpo_trl.checkpoints), so a complete checkpoint always has them.
-        if self.args.should_save:
-            folder = os.path.join(
-                self._get_output_dir(trial=trial), f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            )
-            write_clip_settings(folder, clip_settings(self.args, self._overriding_bounds()))
-        super()._save_checkpoint(model, trial)
-
-    def _overriding_bounds(self) -> str | None:
-        method = type(self).compute_clip_bounds
-        return None if method is BandGRPOTrainer.compute_clip_bounds else f"{method.__module__}.{method.__qualname__}"
-
+    @default_bounds
     def compute_clip_bounds(
         self, old_per_token_logps: torch.Tensor, inputs: dict
     ) -> tuple[torch.Tensor | float, torch.Tensor | float]:
@@ -170,7 +110,7 @@ class BandGRPOTrainer(GRPOTrainer):
             # TRL's clamp takes two floats or two tensors, not one of each.
             lower, upper = token_bounds(lower, old_per_token_logps), token_bounds(upper, old_per_token_logps)
         if not self._bounds_checked and self.applies_token_bounds:
-            self._check_bounds_once(inputs, old_per_token_logps, lower, upper)
+            self._check_bounds_once(old_per_token_logps, lower, upper, self._token_mask(inputs))
         scalar_epsilons = self.epsilon_low, self.epsilon_high
         if self.applies_token_bounds:
             # TRL clamps to [1 - epsilon_low, 1 + epsilon_high]; per-token tensors make that the per-token bounds.
@@ -199,85 +139,11 @@ class BandGRPOTrainer(GRPOTrainer):
             mask = mask * inputs["tool_mask"]
         return mask.float()
 
-    def _bounds_source(self) -> str:
-        """What produced the bounds, for messages: the overriding method, or the registered rule."""
-        method = type(self).compute_clip_bounds
-        if method is not BandGRPOTrainer.compute_clip_bounds:
-            return f"{method.__module__}.{method.__qualname__}"
-        function = self.clip_rule.bounds
-        return f"clip rule {self.clip_rule.name!r} ({function.__module__}.{function.__qualname__})"
-
-    @torch.no_grad()
-    def _check_bounds_once(self, inputs, old_logps, lower, upper) -> None:
-        """On the first micro-batch with old log-probs: raise if any completion token gets an interval that excludes 1.
-
-        One reduction and one host transfer, once per trainer; later micro-batches are only counted in
-        `band/invalid_bounds` by `log_clip_metrics`, which already synchronises once per step.
-        """
-        self._bounds_checked = True
-        mask = self._token_mask(inputs)
-        lower, upper = token_bounds(lower, old_logps), token_bounds(upper, old_logps)
-        invalid = invalid_bounds(old_logps, lower, upper) & mask.bool()
-        counts = torch.stack([invalid.sum().float(), mask.sum()])
-        n_invalid, n_tokens = self.accelerator.reduce(counts, reduction="sum").tolist()
-        if n_invalid == 0:
-            return
-        example = ""
-        if invalid.any():  # this process's share may be empty when another process found the violation
-            index = invalid.flatten().nonzero()[0, 0]
-            lo, up, logp = (t.flatten()[index].item() for t in (lower, upper, old_logps))
-            example = f"; e.g. lower = {lo:.6g}, upper = {up:.6g} for a token of old probability {math.exp(logp):.6g}"
-        raise ValueError(
-            f"{self._bounds_source()} returned ratio bounds that violate lower <= 1 <= upper for "
-            f"{n_invalid / max(n_tokens, 1.0):.1%} of the completion tokens ({int(n_invalid)} of {int(n_tokens)}) "
-            f"of the first micro-batch{example}. An interval that excludes ratio 1 clips tokens the policy has not "
-            "moved; return lower <= 1 <= upper (e.g. lower.clamp(max=1), upper.clamp(min=1))"
-        )
-
-    def clip_metric_sums(
-        self,
-        old_logps: torch.Tensor,
-        logps: torch.Tensor,
-        lower: torch.Tensor,
-        upper: torch.Tensor,
-        advantages: torch.Tensor,
-        mask: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
-        """The token sums of one micro-batch behind the logged clip metrics (0-d tensors, summed across processes in
-        one reduction). Override to add sums of your own (call `super()` and add keys), then turn them into metrics
-        in `clip_metrics_from_sums`. Arguments: (B, T) old and current log-probs of the sampled tokens, the (B, T)
-        bounds applied, the advantages ((B,) or (B, T)) and the (B, T) float mask of the completion tokens."""
-        return clip_metric_sums(old_logps, logps, lower, upper, advantages, mask)
-
-    def clip_metrics_from_sums(self, totals: dict[str, float]) -> dict[str, float]:
-        """The metrics logged for one micro-batch (`band/*`), from the reduced totals of `clip_metric_sums`."""
-        return band_metrics(totals)
-
     @torch.no_grad()
     def log_clip_metrics(self, inputs, old_logps, logps, lower, upper) -> None:
         """Log the clip metrics of one micro-batch (`inputs`: its `completion_mask`, optional `tool_mask` and
         `advantages`; the (B, T) old and current log-probs; the bounds applied, floats or tensors): the sums of
         `clip_metric_sums`, reduced across processes in one reduction, become `clip_metrics_from_sums`'s values in
         `self._metrics`. Called by the loss for every micro-batch with old log-probs."""
-        lower, upper = token_bounds(lower, old_logps), token_bounds(upper, old_logps)
-        sums = self.clip_metric_sums(old_logps, logps, lower, upper, inputs["advantages"], self._token_mask(inputs))
-        # One reduction and one host transfer for all of them.
-        values = self.accelerator.reduce(torch.stack(list(sums.values())).float(), reduction="sum").tolist()
-        totals = dict(zip(sums, values, strict=True))
         metrics = self._metrics["train" if self.model.training else "eval"]
-        for name, value in self.clip_metrics_from_sums(totals).items():
-            metrics[name].append(value)
-        if (
-            totals["invalid"] > 0
-            and not self._warned_invalid_bounds
-            and self.applies_token_bounds
-            and self.accelerator.is_main_process
-        ):
-            self._warned_invalid_bounds = True
-            warnings.warn(
-                f"{self._bounds_source()} returned ratio bounds that violate lower <= 1 <= upper for "
-                f"{totals['invalid'] / max(totals['tokens'], 1.0):.1%} of the completion tokens of this micro-batch "
-                "(logged as band/invalid_bounds; warned once)",
-                UserWarning,
-                stacklevel=1,  # the trainer's own line: the caller is TRL's training loop
-            )
+        self._log_clip_sums(old_logps, logps, lower, upper, inputs["advantages"], self._token_mask(inputs), metrics)
