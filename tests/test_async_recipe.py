@@ -28,7 +28,7 @@ from bandpo_trl.train_async import AsyncModelArguments, main, make_parser
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir))
 RECIPE = "recipes/Qwen2.5-3B-Instruct/bandpo/config_kl_async.yaml"
 MODEL, HEADS, KV_HEADS = "Qwen/Qwen2.5-3B-Instruct", 16, 2  # from the model's config.json
-PAPER_STEP = 1024  # completions per optimizer step (BANDPO.md section 5): 64 prompts x 16
+PAPER_STEP = 1024  # completions per optimizer step (docs/method.md §7.3): 64 prompts x 16
 
 
 def read_yaml(path: str) -> dict:

@@ -367,3 +367,17 @@ def warn_on_earlier_run(args, resume_from_checkpoint, compute_clip_bounds: str |
         checkpoint = get_last_checkpoint(args.output_dir) if os.path.isdir(args.output_dir) else None
     if checkpoint and os.path.isdir(checkpoint):
         check_clip_settings(checkpoint, args, allow_change=True, compute_clip_bounds=compute_clip_bounds)
+
+
+def check_run_outputs(args, overwrite_output_dir: bool, allow_clip_change: bool) -> str | None:
+    """What an entry point checks of `args.output_dir` before anything is loaded; returns the checkpoint to resume from.
+
+    Never harms an earlier run there (`check_output_dir`), resumes only from a checkpoint whose files load
+    (`resolve_resume_checkpoint`) and only with the clip settings it was trained with (`check_clip_settings`)."""
+    check_output_dir(
+        args.output_dir, args.resume_from_checkpoint, overwrite_output_dir, should_delete=args.should_save
+    )
+    resume_from = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    if resume_from is not None:
+        check_clip_settings(resume_from, args, allow_change=allow_clip_change)
+    return resume_from

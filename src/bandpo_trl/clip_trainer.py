@@ -135,15 +135,7 @@ class ClipRuleTrainerMixin:
             "moved; return lower <= 1 <= upper (e.g. lower.clamp(max=1), upper.clamp(min=1))"
         )
 
-    def clip_metric_sums(
-        self,
-        old_logps: torch.Tensor,
-        logps: torch.Tensor,
-        lower: torch.Tensor,
-        upper: torch.Tensor,
-        advantages: torch.Tensor,
-        mask: torch.Tensor,
-    ) -> dict[str, torch.Tensor]:
+    def clip_metric_sums(self, old_logps, logps, lower, upper, advantages, mask) -> dict[str, torch.Tensor]:
         """The token sums of one micro-batch behind the logged clip metrics (0-d tensors, summed across processes in
         one reduction). Override to add sums of your own (call `super()` and add keys), then turn them into metrics
         in `clip_metrics_from_sums`. Arguments: the old and current log-probs of the sampled tokens, the bounds

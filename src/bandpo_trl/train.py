@@ -30,7 +30,7 @@ import torch
 from trl import ModelConfig, get_peft_config, get_quantization_config
 
 from .arguments import ScriptArguments, TinyModelArguments, make_parser
-from .checkpoints import check_clip_settings, check_output_dir, resolve_resume_checkpoint
+from .checkpoints import check_run_outputs
 from .config import BandGRPOConfig
 from .data import available_datasets, check_enough_prompts, drop_long_prompts, load_train_dataset
 from .devices import check_launch_device
@@ -59,15 +59,7 @@ def train(
         if name not in available_datasets():
             raise ValueError(f"Unknown dataset {name!r}. Known datasets: {', '.join(available_datasets())}")
     # Never harm an earlier run in output_dir; resume only from a checkpoint that loads, with the same clip settings.
-    check_output_dir(
-        training_args.output_dir,
-        training_args.resume_from_checkpoint,
-        script_args.overwrite_output_dir,
-        should_delete=training_args.should_save,
-    )
-    resume_from = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
-    if resume_from is not None:
-        check_clip_settings(resume_from, training_args, allow_change=script_args.allow_clip_change)
+    resume_from = check_run_outputs(training_args, script_args.overwrite_output_dir, script_args.allow_clip_change)
     training_args.model_init_kwargs = model_init_kwargs(model_args, training_args)
     train_dataset = load_train_dataset(script_args, training_args.seed)
     callbacks = []

@@ -28,7 +28,7 @@ from trl import TrlParser
 
 from .arguments import ScriptArguments
 from .async_config import BandAsyncGRPOConfig
-from .checkpoints import check_clip_settings, check_output_dir, resolve_resume_checkpoint
+from .checkpoints import check_run_outputs
 from .data import available_datasets, drop_long_prompts, load_train_dataset
 from .models import available_models, load_tokenizer
 from .rewards import get_reward_funcs, opens_think_block
@@ -76,17 +76,8 @@ def train(script_args: ScriptArguments, training_args: BandAsyncGRPOConfig, mode
     if script_args.torch_num_threads:
         torch.set_num_threads(script_args.torch_num_threads)
     reward_funcs = get_reward_funcs(script_args.reward_funcs)
-    # As in bandpo_trl.train: never harm an earlier run in output_dir; resume only from a checkpoint that loads, with
-    # the same clip settings.
-    check_output_dir(
-        training_args.output_dir,
-        training_args.resume_from_checkpoint,
-        script_args.overwrite_output_dir,
-        should_delete=training_args.should_save,
-    )
-    resume_from = resolve_resume_checkpoint(training_args.resume_from_checkpoint, training_args.output_dir)
-    if resume_from is not None:
-        check_clip_settings(resume_from, training_args, allow_change=script_args.allow_clip_change)
+    # Never harm an earlier run in output_dir; resume only from a checkpoint that loads, with the same clip settings.
+    resume_from = check_run_outputs(training_args, script_args.overwrite_output_dir, script_args.allow_clip_change)
     tokenizer = load_tokenizer(
         model_args.model_name_or_path,
         revision=model_args.model_revision,
