@@ -37,21 +37,21 @@ def band_upper_at(p: float, args) -> float:
     return float(upper)
 
 
-@register_clip_rule("band_upper", options=BAND_OPTIONS)
+@register_clip_rule("band_upper", options=(*BAND_OPTIONS, "epsilon"))
 def band_upper(old_logps: torch.Tensor, args) -> tuple[float, torch.Tensor]:
     """Band's upper bound with clip's lower one: ``[1 - epsilon, u(p)]``."""
     _, upper = band_bounds(old_logps, *(getattr(args, o) for o in BAND_OPTIONS))
     return 1 - trl_epsilons(args)[0], upper
 
 
-@register_clip_rule("band_lower", options=BAND_OPTIONS)
+@register_clip_rule("band_lower", options=(*BAND_OPTIONS, "epsilon", "epsilon_high"))
 def band_lower(old_logps: torch.Tensor, args) -> tuple[torch.Tensor, float]:
     """Band's lower bound with clip's upper one: ``[l(p), 1 + epsilon_high]``."""
     lower, _ = band_bounds(old_logps, *(getattr(args, o) for o in BAND_OPTIONS))
     return lower, 1 + trl_epsilons(args)[1]
 
 
-@register_clip_rule("flat_upper", options=BAND_OPTIONS)
+@register_clip_rule("flat_upper", options=(*BAND_OPTIONS, "epsilon"))
 def flat_upper(old_logps: torch.Tensor, args) -> tuple[float, float]:
     """Clip's lower bound and a constant upper one, Band's upper bound at `FLAT_UPPER_P`:
     ``[1 - epsilon, u(0.0185)]`` for every token."""

@@ -234,6 +234,9 @@ def test_bad_rules_refused_at_start_up(bounds, message, registry, tmp_path):
         (dict(clip_rule="clip", band_relax=True), "band_relax=True"),
         (dict(clip_rule="band", dcpo_epsilon_low=0.3), "dcpo_epsilon_low=0.3"),
         (dict(clip_rule="clip", band_max_ratio=5.0), "band_max_ratio=5.0"),
+        (dict(clip_rule="band", epsilon_high=0.28), "epsilon_high=0.28"),
+        (dict(clip_rule="band", band_delta=0.1, epsilon=0.3), "epsilon=0.3"),
+        (dict(clip_rule="dcpo", epsilon=0.3, epsilon_high=0.28), "epsilon=0.3, epsilon_high=0.28"),
     ],
 )
 def test_options_the_rule_does_not_read_warn(overrides, unread, tmp_path):
@@ -247,12 +250,27 @@ def test_options_the_rule_does_not_read_warn(overrides, unread, tmp_path):
         dict(clip_rule="band", band_divergence="tv", band_delta=0.1, band_relax=True, band_max_ratio=5.0),
         dict(clip_rule="dcpo", dcpo_epsilon_low=0.1, band_max_ratio=5.0),
         dict(clip_rule="clip", epsilon_high=0.28),
+        dict(clip_rule="band", band_relax=True, epsilon=0.3, epsilon_high=0.28),  # the union with TRL's interval
     ],
 )
 def test_options_the_rule_reads_do_not_warn(overrides, tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)
         BandGRPOConfig(output_dir=str(tmp_path), steps_per_generation=4, **overrides)
+
+
+def test_trls_epsilons_count_as_read_by_a_rule_that_lists_them(registry, tmp_path):
+    @register_clip_rule("test_clip_lower", options=("band_max_ratio", "epsilon"))
+    def clip_lower(old_logps, args):
+        return 1 - args.epsilon, args.band_max_ratio
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        BandGRPOConfig(output_dir=str(tmp_path), steps_per_generation=4, clip_rule="test_clip_lower", epsilon=0.3)
+    with pytest.warns(UserWarning, match=r"clip_rule='test_clip_lower' does not read epsilon_high=0.28: "):
+        BandGRPOConfig(
+            output_dir=str(tmp_path), steps_per_generation=4, clip_rule="test_clip_lower", epsilon_high=0.28
+        )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -337,7 +355,7 @@ def test_registered_rule_is_applied_per_token(registry, tiny_model_dir, tiny_tra
 def test_band_upper_rule_from_the_readme(registry, tiny_model_dir, tiny_train_dataset, tmp_path):
     from bandpo_trl.clip_rules import trl_epsilons
 
-    @register_clip_rule("band_upper", options=("band_divergence", "band_delta", "band_max_ratio"))
+    @register_clip_rule("band_upper", options=("band_divergence", "band_delta", "band_max_ratio", "epsilon"))
     def band_upper(old_logps, args):
         _, upper = band_bounds(old_logps, args.band_divergence, args.band_delta, args.band_max_ratio)
         return 1 - trl_epsilons(args)[0], upper

@@ -337,9 +337,27 @@ def validate_band_options(args) -> None:
         )
 
 
+# TRL's own interval `[1 - epsilon, 1 + epsilon_high]` (its defaults): TRL's loss reads it under a `trl_clip` rule, a
+# rule that relaxes (`band_relax`) takes its union with that interval, and any other rule reads it only if it lists
+# the names among its options (e.g. a rule with clip's lower bound).
+TRL_EPSILON_DEFAULTS = {"epsilon": 0.2, "epsilon_high": None}
+
+
+def trl_epsilons_read(args, rule: ClipRule) -> set[str]:
+    """Which of TRL's `epsilon` / `epsilon_high` `rule`, as configured by `args`, reads (`epsilon_high` defaults to
+    `epsilon`, so a rule that reads the first reads both)."""
+    if rule.trl_clip or rule.options is None:
+        return set(TRL_EPSILON_DEFAULTS)
+    if "band_relax" in rule.options and band_option(args, "band_relax"):
+        return set(TRL_EPSILON_DEFAULTS)
+    read = {name for name in TRL_EPSILON_DEFAULTS if name in rule.options}
+    return read | {"epsilon"} if "epsilon_high" in read else read
+
+
 def warn_on_unread_options(args, rule: ClipRule) -> None:
-    """Warn when options of the built-in rules that `rule` does not read are set to non-default values: they would
-    change nothing (e.g. `band_delta` with `clip_rule="dcpo"`). A rule that declares no options is not checked."""
+    """Warn when options that `rule` does not read are set to non-default values: they would change nothing (e.g.
+    `band_delta` with `clip_rule="dcpo"`, or TRL's `epsilon_high` with `clip_rule="band"`). A rule that declares no
+    options is not checked."""
     if rule.options is None:
         return
     unread = [
@@ -347,11 +365,18 @@ def warn_on_unread_options(args, rule: ClipRule) -> None:
         for name in RULE_OPTIONS
         if name not in rule.options and band_option(args, name) != BAND_DEFAULTS[name]
     ]
+    read = trl_epsilons_read(args, rule)
+    unread += [
+        f"{name}={getattr(args, name)!r}"
+        for name, default in TRL_EPSILON_DEFAULTS.items()
+        if name not in read and getattr(args, name, default) != default
+    ]
     if unread:
         reads = ", ".join(rule.options) if rule.options else "none of them"
         warnings.warn(
             f"clip_rule={rule.name!r} does not read {', '.join(unread)}: these settings have no effect (it reads "
-            f"{reads}). Remove them, or choose a rule that uses them (available: {', '.join(available_clip_rules())}).",
+            f"{reads}; TRL's epsilon and epsilon_high only with band_relax=True or a rule that lists them). Remove "
+            f"them, or choose a rule that uses them (available: {', '.join(available_clip_rules())}).",
             UserWarning,
             stacklevel=5,
         )
