@@ -251,6 +251,7 @@ def test_options_the_rule_does_not_read_warn(overrides, unread, tmp_path):
         dict(clip_rule="dcpo", dcpo_epsilon_low=0.1, band_max_ratio=5.0),
         dict(clip_rule="clip", epsilon_high=0.28),
         dict(clip_rule="band", band_relax=True, epsilon=0.3, epsilon_high=0.28),  # the union with TRL's interval
+        dict(clip_rule="band", epsilon=0.2, epsilon_high=0.2),  # the canonical clip's values, as if unset
     ],
 )
 def test_options_the_rule_reads_do_not_warn(overrides, tmp_path):

@@ -366,11 +366,13 @@ def warn_on_unread_options(args, rule: ClipRule) -> None:
         if name not in rule.options and band_option(args, name) != BAND_DEFAULTS[name]
     ]
     read = trl_epsilons_read(args, rule)
-    unread += [
-        f"{name}={getattr(args, name)!r}"
-        for name, default in TRL_EPSILON_DEFAULTS.items()
-        if name not in read and getattr(args, name, default) != default
-    ]
+    epsilon = getattr(args, "epsilon", TRL_EPSILON_DEFAULTS["epsilon"])
+    epsilon_high = getattr(args, "epsilon_high", None)
+    # epsilon_high counts as set when it differs from epsilon, its default (0.2 / 0.2 is the canonical clip, as unset).
+    if "epsilon" not in read and epsilon != TRL_EPSILON_DEFAULTS["epsilon"]:
+        unread.append(f"epsilon={epsilon!r}")
+    if "epsilon_high" not in read and epsilon_high is not None and epsilon_high != epsilon:
+        unread.append(f"epsilon_high={epsilon_high!r}")
     if unread:
         reads = ", ".join(rule.options) if rule.options else "none of them"
         warnings.warn(
