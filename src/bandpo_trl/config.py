@@ -337,20 +337,13 @@ def validate_band_options(args) -> None:
         )
 
 
-# TRL's own interval `[1 - epsilon, 1 + epsilon_high]` (its defaults): TRL's loss reads it under a `trl_clip` rule, a
-# rule that relaxes (`band_relax`) takes its union with that interval, and any other rule reads it only if it lists
-# the names among its options (e.g. a rule with clip's lower bound).
-TRL_EPSILON_DEFAULTS = {"epsilon": 0.2, "epsilon_high": None}
-
-
 def trl_epsilons_read(args, rule: ClipRule) -> set[str]:
-    """Which of TRL's `epsilon` / `epsilon_high` `rule`, as configured by `args`, reads (`epsilon_high` defaults to
-    `epsilon`, so a rule that reads the first reads both)."""
-    if rule.trl_clip or rule.options is None:
-        return set(TRL_EPSILON_DEFAULTS)
-    if "band_relax" in rule.options and band_option(args, "band_relax"):
-        return set(TRL_EPSILON_DEFAULTS)
-    read = {name for name in TRL_EPSILON_DEFAULTS if name in rule.options}
+    """Which of TRL's `epsilon` / `epsilon_high` a rule that declares its options reads: both under a `trl_clip` rule
+    (TRL's loss) and under `band_relax` (the union with TRL's interval), else those it lists (`epsilon_high` defaults
+    to `epsilon`, so a rule that reads `epsilon_high` reads `epsilon` too)."""
+    if rule.trl_clip or ("band_relax" in rule.options and band_option(args, "band_relax")):
+        return {"epsilon", "epsilon_high"}
+    read = {"epsilon", "epsilon_high"}.intersection(rule.options)
     return read | {"epsilon"} if "epsilon_high" in read else read
 
 
@@ -366,19 +359,18 @@ def warn_on_unread_options(args, rule: ClipRule) -> None:
         if name not in rule.options and band_option(args, name) != BAND_DEFAULTS[name]
     ]
     read = trl_epsilons_read(args, rule)
-    epsilon = getattr(args, "epsilon", TRL_EPSILON_DEFAULTS["epsilon"])
-    epsilon_high = getattr(args, "epsilon_high", None)
-    # epsilon_high counts as set when it differs from epsilon, its default (0.2 / 0.2 is the canonical clip, as unset).
-    if "epsilon" not in read and epsilon != TRL_EPSILON_DEFAULTS["epsilon"]:
-        unread.append(f"epsilon={epsilon!r}")
-    if "epsilon_high" not in read and epsilon_high is not None and epsilon_high != epsilon:
-        unread.append(f"epsilon_high={epsilon_high!r}")
+    # TRL's defaults: epsilon 0.2, epsilon_high unset (= epsilon), so epsilon_high counts as set where it differs.
+    if "epsilon" not in read and args.epsilon != GRPOConfig.epsilon:
+        unread.append(f"epsilon={args.epsilon!r}")
+    if "epsilon_high" not in read and args.epsilon_high not in (None, args.epsilon):
+        unread.append(f"epsilon_high={args.epsilon_high!r}")
     if unread:
         reads = ", ".join(rule.options) if rule.options else "none of them"
+        if any(entry.startswith("epsilon") for entry in unread):
+            reads += "; TRL's epsilon and epsilon_high only with band_relax=True or when the rule lists them"
         warnings.warn(
             f"clip_rule={rule.name!r} does not read {', '.join(unread)}: these settings have no effect (it reads "
-            f"{reads}; TRL's epsilon and epsilon_high only with band_relax=True or a rule that lists them). Remove "
-            f"them, or choose a rule that uses them (available: {', '.join(available_clip_rules())}).",
+            f"{reads}). Remove them, or choose a rule that uses them (available: {', '.join(available_clip_rules())}).",
             UserWarning,
             stacklevel=5,
         )
